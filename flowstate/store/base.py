@@ -1,0 +1,98 @@
+"""The `FlowStore` API shared by the Redis Cluster store and the in-process store.
+
+Every call is batched (one call, many flows) and bounded by a deadline: it either answers
+correctly or raises `StoreUnavailable` quickly. Results are positional (item i answers item i).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from flowstate.flow import KEY_PREFIX, FiveTuple
+from flowstate.record import FlowRecord
+
+#: (tuple, record, ttl_ms) as given to `pin_many`.
+PinItem = tuple[FiveTuple, FlowRecord, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ScanEntry:
+    """One key found by `FlowStore.scan`: the record, or why it could not be decoded."""
+
+    key: bytes
+    record: FlowRecord | None
+    ttl_ms: int | None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """Deadlines and limits of a store client."""
+
+    lookup_deadline_ms: float = 5.0
+    """Deadline of `lookup_many` (a forwarder falls back to Maglev past it)."""
+    write_deadline_ms: float = 50.0
+    """Deadline of `pin_many`, `touch_many`, `release_many` and `delete`."""
+    scan_deadline_ms: float = 2000.0
+    """Deadline of each SCAN page (inspection only)."""
+    connect_timeout_ms: float = 500.0
+    """Deadline of connecting and discovering the cluster topology."""
+
+
+class FlowStore(abc.ABC):
+    """Connection pinnings keyed by 5-tuple. Implementations: RedisClusterStore, MemoryStore."""
+
+    @abc.abstractmethod
+    async def pin_many(
+        self, items: Sequence[PinItem], *, deadline_ms: float | None = None
+    ) -> list[FlowRecord]:
+        """SET NX PX each record; return the record actually stored for each item.
+
+        Where a valid record already exists it is returned and left alone (the caller adopts
+        it: a SYN retransmit that reached another POP first). An existing value that is not a
+        valid record is overwritten with the caller's record, which is then returned.
+        """
+
+    @abc.abstractmethod
+    async def lookup_many(
+        self, tuples: Sequence[FiveTuple], *, deadline_ms: float | None = None
+    ) -> list[FlowRecord | None]:
+        """GET each flow; None where absent or where the stored bytes are not a valid record."""
+
+    @abc.abstractmethod
+    async def touch_many(
+        self, items: Sequence[tuple[FiveTuple, int]], *, deadline_ms: float | None = None
+    ) -> list[bool]:
+        """Set each flow's TTL to ttl_ms (refresh); True where the flow existed."""
+
+    @abc.abstractmethod
+    async def release_many(
+        self, tuples: Sequence[FiveTuple], linger_ms: int, *, deadline_ms: float | None = None
+    ) -> list[bool]:
+        """Shorten each flow's TTL to linger_ms (never lengthen it); True where it existed."""
+
+    @abc.abstractmethod
+    async def delete(self, tuples: Sequence[FiveTuple], *, deadline_ms: float | None = None) -> int:
+        """Delete flows; return how many existed."""
+
+    @abc.abstractmethod
+    def scan(
+        self, match: bytes = KEY_PREFIX + b"*", *, count: int = 1000
+    ) -> AsyncIterator[ScanEntry]:
+        """Iterate over stored flows (all masters, cursor-based, bounded memory)."""
+
+    @abc.abstractmethod
+    async def ttl_ms(self, t: FiveTuple) -> int | None:
+        """Remaining TTL of one flow in ms, None if absent."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections."""
+
+    async def __aenter__(self) -> FlowStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
