@@ -116,7 +116,7 @@ class FiveTuple:
     def encode(self) -> bytes:
         """Canonical encoding: family, proto, client port, VIP port, client address, VIP address.
 
-        Network byte order, fixed layout (22 bytes for IPv4, 38 for IPv6). The C fast path
+        Network byte order, fixed layout (14 bytes for IPv4, 38 for IPv6). The C fast path
         builds the same bytes, so both hash a flow identically.
         """
         return (
