@@ -16,8 +16,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_config(path: str) -> int:
+    """`--check-config`: validate, print a summary (exit 0) or the error, no traceback (exit 1)."""
+    from flowstate.errors import ConfigError
+    from forwarder.config import load_config
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"flowstate-forwarder: config error: {exc.field}: {exc.reason}", file=sys.stderr)
+        return 1
+    print(f"flowstate-forwarder: config OK: {config.summary()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.check_config:
+        return check_config(args.check_config)
     if not args.config and not args.check_config:
         build_parser().print_usage(sys.stderr)
         return 2

@@ -22,7 +22,6 @@ from forwarder.maglev import (
     permutation_params,
 )
 
-
 _BASE = int(ipaddress.IPv6Address("2001:db8::"))
 
 
