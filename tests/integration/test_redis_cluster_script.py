@@ -1,0 +1,252 @@
+"""deploy/redis-cluster against real redis-server processes, on its own ports.
+
+Every test that needs a running cluster calls `up` first (a no-op when it already runs), so
+the tests do not depend on their order; the module's finalizer runs `down`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import SCRIPT, ClusterHandle, cluster_lib, run_script
+
+BASE = int(os.environ.get("FLOWSTATE_TEST_SCRIPT_REDIS_PORT", "7400"))
+DIR = Path(f"/tmp/flowstate-redis-{BASE}")
+WHERE = ("--base-port", str(BASE))
+
+
+def up() -> subprocess.CompletedProcess[str]:
+    return run_script("up", *WHERE, "--timeout", "60")
+
+
+def status() -> tuple[int, dict[str, Any]]:
+    proc = run_script("status", "--json", *WHERE, check=False)
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def pid_is_redis(pid: int) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return b"redis-server" in cmd and state != "Z"
+
+
+@pytest.fixture(scope="module")
+def script_cluster() -> Iterator[None]:
+    run_script("down", *WHERE)  # leftovers of an interrupted run
+    try:
+        yield
+    finally:
+        run_script("down", *WHERE, check=False)
+
+
+# --- without a cluster ------------------------------------------------------------------------
+
+
+def test_missing_redis_server_is_one_clear_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "up", "--dir", str(tmp_path / "c"), *WHERE],
+        capture_output=True,
+        text=True,
+        env={"PATH": str(tmp_path), "HOME": str(tmp_path)},
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "deploy/redis-cluster: redis-server not found: install it with "
+        "`apt-get install -y redis-server redis-tools`"
+    ]
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "command", ["up", "down", "status", "wait", "kill-node", "start-node", None]
+)
+def test_help(command: str | None) -> None:
+    args = [command, "--help"] if command else ["--help"]
+    proc = run_script(*args)
+    assert proc.stdout.startswith("usage: ")
+    assert "--base-port" in proc.stdout or command is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("up", "--nodes", "4"), "too few"),
+        (("up", "--base-port", "60000"), "must fit in 65535"),
+        (("kill-node", "0", "--signal", "NOPE"), "unknown signal"),
+        (("start-node", "0"), "no cluster in"),
+    ],
+)
+def test_bad_input_is_one_line_error(args: tuple[str, ...], message: str) -> None:
+    proc = run_script(*args, "--dir", "/tmp/flowstate-redis-test-nonexistent", check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr
+
+
+def test_down_without_cluster_is_noop(tmp_path: Path) -> None:
+    proc = run_script("down", "--dir", str(tmp_path / "none"))
+    assert "nothing to stop" in proc.stdout
+
+
+@pytest.mark.cluster
+def test_port_in_use_is_reported_before_starting_anything(tmp_path: Path) -> None:
+    base = BASE + 80
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", base + 2))
+        s.listen()
+        proc = run_script("up", "--base-port", str(base), "--dir", str(tmp_path / "c"), check=False)
+    assert proc.returncode == 1
+    assert f"127.0.0.1:{base + 2} is already in use" in proc.stderr
+    assert not (tmp_path / "c").exists()
+
+
+# --- with the script's own cluster -------------------------------------------------------------
+
+
+@pytest.mark.cluster
+def test_up_returns_a_healthy_cluster(script_cluster: None) -> None:
+    proc = up()
+    assert "cluster healthy" in proc.stdout or "already up" in proc.stdout
+    roles = []
+    for i in range(6):
+        with cluster_lib.Client("127.0.0.1", BASE + i) as c:
+            info = cluster_lib.parse_info(c.text("CLUSTER", "INFO"))
+            assert info["cluster_state"] == "ok"
+            assert info["cluster_slots_assigned"] == info["cluster_slots_ok"] == "16384"
+            assert info["cluster_known_nodes"] == "6"
+            role = c.call("ROLE")
+            assert isinstance(role, list) and isinstance(role[0], bytes)
+            roles.append(role[0].decode())
+    assert sorted(roles) == ["master"] * 3 + ["slave"] * 3
+
+    rc, st = status()
+    assert rc == 0 and st["healthy"] is True and st["cluster_state"] == "ok"
+    assert st["seeds"] == [f"127.0.0.1:{BASE + i}" for i in range(6)]
+    assert [n["alive"] for n in st["nodes"]] == [True] * 6
+    assert sorted(n["role"] for n in st["nodes"]) == ["master"] * 3 + ["replica"] * 3
+
+
+@pytest.mark.cluster
+def test_up_again_is_a_noop(script_cluster: None) -> None:
+    up()
+    before = [n["pid"] for n in status()[1]["nodes"]]
+    start = time.monotonic()
+    proc = up()
+    assert proc.stdout.startswith("already up")
+    assert time.monotonic() - start < 5
+    assert [n["pid"] for n in status()[1]["nodes"]] == before
+
+
+@pytest.mark.cluster
+def test_up_refuses_a_different_layout_in_the_same_dir(script_cluster: None) -> None:
+    up()
+    proc = run_script("up", *WHERE, "--password", "other", check=False)
+    assert proc.returncode == 1
+    assert "holds a different cluster" in proc.stderr and "password" in proc.stderr
+    assert "down" in proc.stderr
+
+
+@pytest.mark.cluster
+def test_status_text(script_cluster: None) -> None:
+    up()
+    proc = run_script("status", *WHERE)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 7
+    assert lines[0].startswith(f"node 0  127.0.0.1:{BASE}")
+    assert "alive" in lines[0]
+    assert lines[-1] == "cluster_state: ok  healthy: yes"
+
+
+@pytest.mark.cluster
+def test_up_restarts_dead_nodes_of_a_half_alive_cluster(script_cluster: None) -> None:
+    up()
+    replica = next(n["index"] for n in status()[1]["nodes"] if n["role"] == "replica")
+    run_script("kill-node", str(replica), *WHERE)
+    rc, st = status()
+    assert rc == 1 and st["nodes"][replica]["alive"] is False
+    proc = up()
+    assert f"restarted dead node {replica}" in proc.stdout
+    assert status()[0] == 0
+
+
+@pytest.mark.cluster
+def test_stopped_node_is_unhealthy_until_resumed(script_cluster: None) -> None:
+    up()
+    run_script("kill-node", "1", "--signal", "STOP", *WHERE)
+    try:
+        rc, st = status()
+        assert rc == 1 and st["nodes"][1]["stopped"] is True
+        assert "stopped" in st["reason"]
+    finally:
+        proc = run_script("start-node", "1", *WHERE)
+    assert "resumed" in proc.stdout
+    assert status()[0] == 0
+
+
+@pytest.mark.cluster
+def test_master_failover_and_rejoin(script_cluster: None) -> None:
+    up()
+    nodes = status()[1]["nodes"]
+    master = next(n for n in nodes if n["role"] == "master")
+    replica = next(n for n in nodes if n["master_id"] == master["id"])
+    run_script("kill-node", str(master["index"]), *WHERE)
+    deadline = time.monotonic() + 20
+    while status()[1]["nodes"][replica["index"]]["role"] != "master":
+        assert time.monotonic() < deadline, "replica was not promoted"
+        time.sleep(0.2)
+    run_script("start-node", str(master["index"]), *WHERE)
+    rc, st = status()
+    assert rc == 0
+    assert st["nodes"][master["index"]]["role"] == "replica"
+    assert st["nodes"][master["index"]]["master_id"] == replica["id"]
+
+
+@pytest.mark.cluster
+def test_down_stops_every_node_and_removes_the_dir(script_cluster: None) -> None:
+    up()
+    pids = [n["pid"] for n in status()[1]["nodes"]]
+    assert all(pid_is_redis(p) for p in pids)
+    proc = run_script("down", *WHERE)
+    assert "stopped 6 redis-server(s)" in proc.stdout
+    assert not DIR.exists()
+    assert not any(pid_is_redis(p) for p in pids)
+    assert "nothing to stop" in run_script("down", *WHERE).stdout
+    assert status()[0] == 1
+
+
+# --- the session fixture -----------------------------------------------------------------------
+
+
+def test_fixture_cluster_serves_writes_and_flushall(redis_cluster: ClusterHandle) -> None:
+    from redis.cluster import ClusterNode, RedisCluster
+
+    assert len(redis_cluster.seeds) == 6
+    rc = RedisCluster(
+        startup_nodes=[ClusterNode(h, p) for h, p in redis_cluster.seeds],
+        password=redis_cluster.password or None,
+    )
+    try:
+        keys = [f"fixture-test-{i}" for i in range(50)]  # spread over every master
+        for k in keys:
+            rc.set(k, b"v")
+        assert all(rc.get(k) == b"v" for k in keys)
+        redis_cluster.flushall()
+        assert not any(rc.exists(k) for k in keys)
+    finally:
+        rc.close()
