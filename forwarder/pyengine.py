@@ -49,6 +49,10 @@ FlowT = tuple[int, bytes, int, bytes, int]
 _NO_BACKEND_ENTRY = 0xFFFF
 _MAX_BACKEND_ID = 0xFFFE
 _MAX_VIP_ID = 0xFF
+_MAX_CAPACITY = 1 << 24
+_MAX_TABLE = 1 << 24
+#: Timeouts fit 31 bits (the C table keeps 32-bit `last_seen` ages exact with that bound).
+_MAX_TIMEOUT_MS = (1 << 31) - 1
 #: Largest IPv6 answer to a too-big IPv6 packet (RFC 4443 2.4c): 40 + 8 + quote.
 _ICMP6_MAX_QUOTE = IPV6_MIN_MTU - 40 - 8
 
@@ -168,14 +172,14 @@ class Engine:
     ) -> None:
         if not isinstance(source_ipv6, bytes) or len(source_ipv6) != 16:
             raise UsageError("source_ipv6 must be 16 packed bytes")
-        _check_range("capacity", capacity, 1, 1 << 32)
+        _check_range("capacity", capacity, 1, _MAX_CAPACITY)
         for name, value in (
             ("tcp_idle_ms", tcp_idle_ms),
             ("udp_idle_ms", udp_idle_ms),
             ("fin_linger_ms", fin_linger_ms),
             ("touch_interval_ms", touch_interval_ms),
         ):
-            _check_range(name, value, 0, 1 << 62)
+            _check_range(name, value, 0, _MAX_TIMEOUT_MS)
         _check_range("tunnel_mtu", tunnel_mtu, IPV6_MIN_MTU, 0xFFFF)
         self._source = source_ipv6
         self._idle = {IPPROTO_TCP: tcp_idle_ms, IPPROTO_UDP: udp_idle_ms}
@@ -285,8 +289,8 @@ class Engine:
     def set_maglev(self, vip_id: int, table: bytes) -> None:
         """Install a VIP's Maglev lookup table (`array('H')` bytes of backend_ids; b"": none)."""
         _check_range("vip_id", vip_id, 0, _MAX_VIP_ID)
-        if len(table) % 2:
-            raise UsageError("Maglev table must be array('H') bytes (even length)")
+        if len(table) % 2 or len(table) > 2 * _MAX_TABLE:
+            raise UsageError("Maglev table must be array('H') bytes of at most 2**24 entries")
         if not table:
             self._tables.pop(vip_id, None)
             return
