@@ -127,7 +127,8 @@ class ClusterHandle:
         return run_script(*args, *where, password=self.password, timeout=timeout)
 
     def start(self) -> None:
-        """`up`: create the cluster, or restart dead nodes of a running one; wait until healthy."""
+        """`up`: create the cluster, or repair a running one (restart dead nodes, SIGCONT
+        stopped ones); return once it is healthy."""
         self._script("up", "--nodes", str(len(self.seeds)), "--timeout", "90")
 
     def stop(self) -> None:
@@ -162,15 +163,29 @@ class ClusterHandle:
         return cluster_lib.Client(host, port, self.password or None, timeout=timeout)
 
     def flushall(self) -> None:
-        """FLUSHALL on every master that answers (replicas follow; dead nodes are skipped)."""
-        for i in range(len(self.seeds)):
+        """FLUSHALL on every master the cluster knows (not only the seeds); replicas follow.
+
+        Masters are taken from CLUSTER NODES of the first seed that answers; failed
+        masters are skipped, so this also works right after `kill_node`.
+        """
+        last: Exception | None = None
+        for host, port in self.seeds:
             try:
-                with self.client(i) as c:
-                    role = c.call("ROLE")
-                    if isinstance(role, list) and role and role[0] == b"master":
-                        c.call("FLUSHALL")
-            except OSError:
+                with cluster_lib.Client(host, port, self.password or None) as c:
+                    text = c.text("CLUSTER", "NODES")
+                break
+            except (OSError, cluster_lib.ReplyError) as exc:
+                last = exc
+        else:
+            raise RuntimeError(f"no seed of the cluster answers: {last}")
+        for line in text.splitlines():
+            fields = line.split()
+            flags = set(fields[2].split(","))
+            if "master" not in flags or flags & {"fail", "fail?", "noaddr"}:
                 continue
+            host, _, port = fields[1].split("@")[0].rpartition(":")
+            with cluster_lib.Client(host, int(port), self.password or None) as c:
+                c.call("FLUSHALL")
 
 
 def _external_cluster() -> ClusterHandle | None:

@@ -236,7 +236,7 @@ def test_down_stops_every_node_and_removes_the_dir(script_cluster: None) -> None
 def test_fixture_cluster_serves_writes_and_flushall(redis_cluster: ClusterHandle) -> None:
     from redis.cluster import ClusterNode, RedisCluster
 
-    assert len(redis_cluster.seeds) == 6
+    assert len(redis_cluster.seeds) == 6 or not redis_cluster.managed
     rc = RedisCluster(
         startup_nodes=[ClusterNode(h, p) for h, p in redis_cluster.seeds],
         password=redis_cluster.password or None,
@@ -250,3 +250,12 @@ def test_fixture_cluster_serves_writes_and_flushall(redis_cluster: ClusterHandle
         assert not any(rc.exists(k) for k in keys)
     finally:
         rc.close()
+
+
+def test_fixture_kill_and_restart_a_replica(redis_cluster: ClusterHandle) -> None:
+    nodes = redis_cluster.status()["nodes"]
+    replica = next(n["index"] for n in nodes if n["role"] == "replica")
+    redis_cluster.kill_node(replica)
+    assert redis_cluster.status()["nodes"][replica]["alive"] is False
+    redis_cluster.restart_node(replica)
+    assert redis_cluster.status()["healthy"] is True
