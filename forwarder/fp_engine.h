@@ -1,0 +1,242 @@
+/* The C data-path engine: shared types of forwarder/_fastpath (see forwarder/DATAPATH.md).
+ *
+ * fp_engine.c holds the Python `Engine`, fp_ring.c the `PacketRing`; both drive the same
+ * per-batch loop (`fp_engine_batch`) and differ only in the sink that receives the output.
+ */
+#ifndef FP_ENGINE_H
+#define FP_ENGINE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <assert.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- verdicts and events (DATAPATH.md tables) ---------------------------------------------- */
+enum {
+    V_FORWARD = 0,
+    V_NEW = 1,
+    V_MISS = 2,
+    V_PASS_NOT_IP = 3,
+    V_PASS_NOT_VIP = 4,
+    V_PASS_NOT_SERVICE = 5,
+    V_REPLY_TOO_BIG = 6,
+    V_DROP_ETH_SHORT = 10,
+    V_DROP_IP4_SHORT = 11,
+    V_DROP_IP4_VERSION = 12,
+    V_DROP_IP4_IHL = 13,
+    V_DROP_IP4_LENGTH = 14,
+    V_DROP_IP6_SHORT = 15,
+    V_DROP_IP6_VERSION = 16,
+    V_DROP_IP6_LENGTH = 17,
+    V_DROP_IP6_EXT = 18,
+    V_DROP_FRAGMENT = 19,
+    V_DROP_L4_SHORT = 20,
+    V_DROP_ICMP_SHORT = 21,
+    V_DROP_ICMP_BAD_QUOTE = 22,
+    V_DROP_NO_BACKEND = 23,
+    V_DROP_NO_ROUTE = 24,
+    V_DROP_TOO_BIG = 25,
+    V_COUNT = 26,
+    /* internal: parsed, a configured service; go on to the too-big check and the table */
+    V_OURS = 255,
+};
+
+enum { EV_NEW = 1, EV_CLOSE = 2, EV_TOUCH = 3, EV_EVICTED = 4 };
+enum { ST_ESTABLISHED = 1, ST_CLOSING = 2 };
+
+#define FP_UNUSED __attribute__((unused))
+#define FP_REPLY (-1)
+#define FP_HASH_SEED 0x666C6F77u
+#define FP_BUCKET_SLOTS 8
+#define FP_MAX_CAPACITY (1u << 24)
+#define FP_MAX_VIPS 256
+#define FP_MAX_BACKENDS 0xFFFF /* ids 0..65534; 0xFFFF is Maglev's "no backend" */
+#define FP_NO_BACKEND 0xFFFF
+#define FP_MAX_MAGLEV (1u << 24)
+#define FP_MAX_TIMEOUT_MS 0x7FFFFFFFu /* keeps 32-bit last_seen ages exact (see fp_slot) */
+#define FP_ICMP_BUDGET 100
+#define FP_ENCAP_LEN 40
+#define FP_ETH_LEN 14
+#define FP_OUTER_LEN (FP_ETH_LEN + FP_ENCAP_LEN)
+#define FP_IPV6_MIN_MTU 1280
+#define FP_REPLY_MAX 1536 /* 22 (Ethernet + 2 tags) + 40 + 8 + 1232 quoted bytes fits */
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+#define FP_STATUS_CSUMNOTREADY 0x8u
+
+/* ---- flow table ----------------------------------------------------------------------------
+ * One slot is exactly one cache line. The key (first 6 bytes + both addresses) is compared as
+ * five 64-bit words. last_seen keeps only the low 32 bits of now_ms: it is used solely to order
+ * the live slots of one bucket for LRU eviction, and every live slot was seen less than
+ * max(idle, linger) <= FP_MAX_TIMEOUT_MS ago, so the wrapped age `now32 - last_seen32` orders
+ * them exactly as the full 64-bit values would.
+ */
+typedef struct fp_slot {
+    uint16_t client_port; /* host order */
+    uint16_t vip_port;
+    uint8_t proto;  /* 6 or 17 */
+    uint8_t family; /* 0 = empty slot, 4 or 6 */
+    uint8_t state;  /* ST_ESTABLISHED or ST_CLOSING */
+    uint8_t reserved0;
+    uint8_t client_ip[16]; /* IPv4: 4 bytes then zeros */
+    uint8_t vip_ip[16];
+    uint16_t backend_id;
+    uint16_t reserved1;
+    uint32_t last_seen32;
+    uint64_t expires_ms;
+    uint64_t touch_due_ms;
+} fp_slot;
+
+_Static_assert(sizeof(fp_slot) == 64, "a flow table slot must be exactly one 64-byte cache line");
+_Static_assert(offsetof(fp_slot, client_ip) == 8, "key word 0 is the first 8 bytes");
+_Static_assert(offsetof(fp_slot, backend_id) == 40, "key is the first 40 bytes");
+
+/* A lookup key laid out like the first 40 bytes of a slot (state/reserved0 zero). */
+typedef struct fp_key {
+    uint16_t client_port;
+    uint16_t vip_port;
+    uint8_t proto;
+    uint8_t family;
+    uint8_t zero[2];
+    uint8_t client_ip[16];
+    uint8_t vip_ip[16];
+} fp_key;
+_Static_assert(sizeof(fp_key) == 40, "fp_key mirrors the slot's key bytes");
+
+/* ---- configuration ------------------------------------------------------------------------- */
+typedef struct fp_vip {
+    uint8_t in_use;
+    uint8_t family;
+    uint8_t proto;
+    uint16_t port;
+    uint8_t ip[16];
+} fp_vip;
+
+typedef struct fp_maglev {
+    uint16_t *table; /* backend ids */
+    uint32_t size;
+} fp_maglev;
+
+#define FP_ADDR_SLOTS 1024 /* power of two, >= 4 x FP_MAX_VIPS */
+#define FP_SVC_SLOTS 1024
+
+typedef struct fp_addr_slot {
+    uint8_t used;
+    uint8_t family;
+    uint8_t ip[16];
+} fp_addr_slot;
+
+typedef struct fp_svc_slot {
+    uint8_t used;
+    uint8_t family;
+    uint8_t proto;
+    uint8_t vip_id;
+    uint16_t port;
+    uint8_t ip[16];
+} fp_svc_slot;
+
+typedef struct fp_backend {
+    uint16_t id;
+    uint8_t ip[16];
+    uint8_t has_link;
+    uint8_t dst_mac[6];
+    uint8_t src_mac[6];
+    int ifindex;
+    uint32_t mtu; /* 0 = not set */
+    /* Ethernet (dst, src, 0x86DD) + IPv6 (version, hop limit, source, destination): the
+     * constant part of every frame sent to this backend. */
+    uint8_t outer[FP_OUTER_LEN];
+} fp_backend;
+
+typedef struct fp_engine {
+    fp_slot *slots;
+    size_t slots_bytes;
+    uint32_t capacity;
+    uint32_t n_buckets;
+    uint32_t hand; /* expire() clock hand */
+    uint64_t n_flows;
+
+    uint8_t source_ipv6[16];
+    uint32_t tcp_idle_ms, udp_idle_ms, fin_linger_ms, touch_interval_ms, tunnel_mtu;
+
+    fp_vip vips[FP_MAX_VIPS];
+    fp_maglev maglev[FP_MAX_VIPS];
+    fp_addr_slot addrs[FP_ADDR_SLOTS];
+    fp_svc_slot svcs[FP_SVC_SLOTS];
+    uint32_t n_vips;
+    fp_backend **backends; /* FP_MAX_BACKENDS pointers */
+
+    uint64_t verdicts[V_COUNT];
+    uint64_t evictions, expired, installs, tx_packets, tx_bytes, tx_errors;
+    uint32_t icmp_budget; /* answers left in the current batch */
+} fp_engine;
+
+/* One parsed packet, as the table stage and the sinks see it. */
+typedef struct fp_pkt {
+    const uint8_t *frame;
+    uint32_t frame_len;
+    uint32_t status;
+    uint32_t l3_off; /* offset of the IP header in the frame */
+    uint32_t l3_len; /* IP total length (padding trimmed) */
+    uint32_t l4_off; /* offset of the TCP/UDP/ICMP header in the frame */
+    uint8_t family;  /* 4 or 6 */
+    uint8_t tc;      /* IPv4 TOS / IPv6 traffic class */
+    uint8_t is_icmp; /* an ICMP error about `key` */
+    uint8_t tcp_flags;
+    uint8_t vip_id;
+    int32_t csum_off;  /* frame offset of the L4 checksum to complete, -1: none */
+    uint16_t csum_val; /* the completed checksum, native order (memcpy into place) */
+    uint64_t hash64;
+    fp_key key;
+} fp_pkt;
+
+/* One input frame of a batch. `obj` is the Python bytes it came from, or NULL (ring). */
+typedef struct fp_frame {
+    const uint8_t *data;
+    uint32_t len;
+    uint32_t status;
+    PyObject *obj;
+} fp_frame;
+
+/* Where a batch's output goes. Both callbacks return the frame's final verdict, or -1 with a
+ * Python exception set. */
+typedef struct fp_sink fp_sink;
+struct fp_sink {
+    int (*tx)(fp_sink *sink, fp_engine *E, const fp_pkt *p, const fp_backend *b, int verdict,
+              uint32_t index);
+    int (*reply)(fp_sink *sink, fp_engine *E, const uint8_t *frame, uint32_t len, uint32_t index);
+};
+
+typedef struct {
+    PyObject_HEAD
+    fp_engine e;
+    int busy; /* re-entrancy guard: a batch is running */
+    fp_frame *frames;
+    size_t frames_cap;
+} FpEngineObject;
+
+extern PyTypeObject FpEngine_Type;
+extern PyTypeObject FpResult_Type;
+extern PyTypeObject FpRing_Type;
+
+int fp_engine_module_init(PyObject *module);
+int fp_ring_module_init(PyObject *module);
+
+/* Run one batch: verdicts[i] for frames[i]; misses/events are appended to the lists. */
+int fp_engine_batch(FpEngineObject *self, const fp_frame *frames, size_t n, uint64_t now,
+                    fp_sink *sink, uint8_t *verdicts, PyObject *misses, PyObject *events);
+
+/* ICMP too-big answer for `p` with the given next-hop MTU into `out` (FP_REPLY_MAX bytes).
+ * Returns its length. */
+uint32_t fp_build_too_big(const fp_pkt *p, uint32_t mtu, uint8_t *out);
+
+/* Outer Ethernet + IPv6 header for `p` to backend `b` (FP_OUTER_LEN bytes). */
+void fp_write_outer(uint8_t *out, const fp_backend *b, const fp_pkt *p);
+
+PyObject *fp_result_new(PyObject *verdicts, PyObject *tx, PyObject *misses, PyObject *events);
+
+#endif /* FP_ENGINE_H */
