@@ -5,12 +5,18 @@ test session through `deploy/redis-cluster`, so tests exercise exactly what deve
 labs run, and tears it down at session end even if tests fail. Set FLOWSTATE_REDIS_SEEDS
 (host:port,...) and FLOWSTATE_REDIS_PASSWORD to use an existing cluster instead.
 
+Concurrent pytest sessions on one machine never share or kill each other's cluster: each
+claims its base port with an flock on /tmp/.flowstate-test-session-PORT.lock, held for the
+whole session (released by the kernel even on SIGKILL), and moves on by 10 ports if another
+live session holds it. `.ci/run` cleans up only clusters whose lock nobody holds.
+
 Without redis-server, `cluster` tests are skipped with the install hint; under CI=true they
 fail instead, so CI can never go green by silently skipping them.
 """
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -28,9 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "deploy" / "redis-cluster"
 #: Password of the session cluster (the default user's requirepass).
 TEST_PASSWORD = "flowstate-test"
-#: Base port of the session cluster (nodes on BASE..BASE+5, bus ports +10000).
+#: First base port tried for the session cluster (nodes on BASE..BASE+5, bus ports +10000).
 TEST_BASE_PORT = int(os.environ.get("FLOWSTATE_TEST_REDIS_PORT", "7300"))
 TEST_NODES = 6
+#: Lock file a live test session holds for each base port it uses.
+SESSION_LOCK = "/tmp/.flowstate-test-session-{port}.lock"
 
 
 def _load_cluster_lib() -> ModuleType:
@@ -99,6 +107,25 @@ def run_script(
             f"{proc.stdout}{proc.stderr}"
         )
     return proc
+
+
+def claim_base_port(first: int, *, env: str, step: int = 10, tries: int = 20) -> tuple[int, int]:
+    """Lock a base port for this process: `first`, else first + step, ... (unless `env` set
+    the port explicitly, which must then be free). Return (port, lock fd); closing the fd
+    (or the process dying) releases it."""
+    candidates = [first] if os.environ.get(env) else [first + k * step for k in range(tries)]
+    for port in candidates:
+        fd = os.open(SESSION_LOCK.format(port=port), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return port, fd
+    raise RuntimeError(
+        f"base ports {candidates[0]}..{candidates[-1]} are all held by other live test "
+        f"sessions ({SESSION_LOCK.format(port='PORT')}); set {env} to a free one"
+    )
 
 
 @dataclass
@@ -209,15 +236,17 @@ def redis_cluster(request: pytest.FixtureRequest) -> ClusterHandle:
     if external is not None:
         return external
     require_redis()
+    port, lock = claim_base_port(TEST_BASE_PORT, env="FLOWSTATE_TEST_REDIS_PORT")
+    request.addfinalizer(lambda: os.close(lock))  # finalizers run last-in first-out
     handle = ClusterHandle(
-        seeds=[("127.0.0.1", TEST_BASE_PORT + i) for i in range(TEST_NODES)],
+        seeds=[("127.0.0.1", port + i) for i in range(TEST_NODES)],
         password=TEST_PASSWORD,
-        base_port=TEST_BASE_PORT,
-        dir=Path(f"/tmp/flowstate-redis-{TEST_BASE_PORT}"),
+        base_port=port,
+        dir=Path(f"/tmp/flowstate-redis-{port}"),
     )
     # Registered before `up` so a half-started cluster is torn down too.
     request.addfinalizer(handle.stop)
-    handle.stop()  # leftovers of an interrupted session: start from a fresh cluster
+    handle.stop()  # we hold the port's lock: anything there is an orphan of a dead session
     handle.start()
     return handle
 

@@ -1,7 +1,8 @@
 """deploy/redis-cluster against real redis-server processes, on its own ports.
 
-Every test that needs a running cluster calls `up` first (a no-op when it already runs), so
-the tests do not depend on their order; the module's finalizer runs `down`.
+The module's cluster (base port 7400, or the next free one another live session does not
+hold) is shared by the tests below; each calls `up` first (a no-op when it already runs), so
+they do not depend on their order. The module's finalizer runs `down`.
 """
 
 from __future__ import annotations
@@ -13,25 +14,36 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import SCRIPT, ClusterHandle, cluster_lib, run_script
+from tests.conftest import SCRIPT, ClusterHandle, claim_base_port, cluster_lib, run_script
 
-BASE = int(os.environ.get("FLOWSTATE_TEST_SCRIPT_REDIS_PORT", "7400"))
-DIR = Path(f"/tmp/flowstate-redis-{BASE}")
-WHERE = ("--base-port", str(BASE))
+FIRST_PORT = int(os.environ.get("FLOWSTATE_TEST_SCRIPT_REDIS_PORT", "7400"))
 
 
-def up() -> subprocess.CompletedProcess[str]:
-    return run_script("up", *WHERE, "--timeout", "60")
+@dataclass(frozen=True)
+class Script:
+    """deploy/redis-cluster bound to this module's base port."""
 
+    base: int
 
-def status() -> tuple[int, dict[str, Any]]:
-    proc = run_script("status", "--json", *WHERE, check=False)
-    return proc.returncode, json.loads(proc.stdout)
+    @property
+    def dir(self) -> Path:
+        return Path(f"/tmp/flowstate-redis-{self.base}")
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run_script(*args, "--base-port", str(self.base), check=check)
+
+    def up(self) -> subprocess.CompletedProcess[str]:
+        return self.run("up", "--timeout", "60")
+
+    def status(self) -> tuple[int, dict[str, Any]]:
+        proc = self.run("status", "--json", check=False)
+        return proc.returncode, json.loads(proc.stdout)
 
 
 def pid_is_redis(pid: int) -> bool:
@@ -43,13 +55,30 @@ def pid_is_redis(pid: int) -> bool:
     return b"redis-server" in cmd and state != "Z"
 
 
+def free_port(start: int) -> socket.socket:
+    """A listening socket on the first free port from `start` (whose +10000 fits too)."""
+    for port in range(start, 55000):
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            s.close()
+            continue
+        s.listen()
+        return s
+    raise RuntimeError("no free port")
+
+
 @pytest.fixture(scope="module")
-def script_cluster() -> Iterator[None]:
-    run_script("down", *WHERE)  # leftovers of an interrupted run
+def script() -> Iterator[Script]:
+    base, lock = claim_base_port(FIRST_PORT, env="FLOWSTATE_TEST_SCRIPT_REDIS_PORT")
+    sc = Script(base)
     try:
-        yield
+        sc.run("down")  # we hold the port's lock: anything there is an orphan
+        yield sc
     finally:
-        run_script("down", *WHERE, check=False)
+        sc.run("down", check=False)
+        os.close(lock)
 
 
 # --- without a cluster ------------------------------------------------------------------------
@@ -57,7 +86,7 @@ def script_cluster() -> Iterator[None]:
 
 def test_missing_redis_server_is_one_clear_line(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "up", "--dir", str(tmp_path / "c"), *WHERE],
+        [sys.executable, str(SCRIPT), "up", "--dir", str(tmp_path / "c")],
         capture_output=True,
         text=True,
         env={"PATH": str(tmp_path), "HOME": str(tmp_path)},
@@ -105,14 +134,11 @@ def test_down_without_cluster_is_noop(tmp_path: Path) -> None:
 
 @pytest.mark.cluster
 def test_port_in_use_is_reported_before_starting_anything(tmp_path: Path) -> None:
-    base = BASE + 80
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", base + 2))
-        s.listen()
+    with free_port(FIRST_PORT + 480) as s:
+        base = s.getsockname()[1]  # node 0's port, checked first
         proc = run_script("up", "--base-port", str(base), "--dir", str(tmp_path / "c"), check=False)
     assert proc.returncode == 1
-    assert f"127.0.0.1:{base + 2} is already in use" in proc.stderr
+    assert f"127.0.0.1:{base} is already in use" in proc.stderr
     assert not (tmp_path / "c").exists()
 
 
@@ -120,12 +146,12 @@ def test_port_in_use_is_reported_before_starting_anything(tmp_path: Path) -> Non
 
 
 @pytest.mark.cluster
-def test_up_returns_a_healthy_cluster(script_cluster: None) -> None:
-    proc = up()
+def test_up_returns_a_healthy_cluster(script: Script) -> None:
+    proc = script.up()
     assert "cluster healthy" in proc.stdout or "already up" in proc.stdout
     roles = []
     for i in range(6):
-        with cluster_lib.Client("127.0.0.1", BASE + i) as c:
+        with cluster_lib.Client("127.0.0.1", script.base + i) as c:
             info = cluster_lib.parse_info(c.text("CLUSTER", "INFO"))
             assert info["cluster_state"] == "ok"
             assert info["cluster_slots_assigned"] == info["cluster_slots_ok"] == "16384"
@@ -135,99 +161,99 @@ def test_up_returns_a_healthy_cluster(script_cluster: None) -> None:
             roles.append(role[0].decode())
     assert sorted(roles) == ["master"] * 3 + ["slave"] * 3
 
-    rc, st = status()
+    rc, st = script.status()
     assert rc == 0 and st["healthy"] is True and st["cluster_state"] == "ok"
-    assert st["seeds"] == [f"127.0.0.1:{BASE + i}" for i in range(6)]
+    assert st["seeds"] == [f"127.0.0.1:{script.base + i}" for i in range(6)]
     assert [n["alive"] for n in st["nodes"]] == [True] * 6
     assert sorted(n["role"] for n in st["nodes"]) == ["master"] * 3 + ["replica"] * 3
 
 
 @pytest.mark.cluster
-def test_up_again_is_a_noop(script_cluster: None) -> None:
-    up()
-    before = [n["pid"] for n in status()[1]["nodes"]]
+def test_up_again_is_a_noop(script: Script) -> None:
+    script.up()
+    before = [n["pid"] for n in script.status()[1]["nodes"]]
     start = time.monotonic()
-    proc = up()
+    proc = script.up()
     assert proc.stdout.startswith("already up")
     assert time.monotonic() - start < 5
-    assert [n["pid"] for n in status()[1]["nodes"]] == before
+    assert [n["pid"] for n in script.status()[1]["nodes"]] == before
 
 
 @pytest.mark.cluster
-def test_up_refuses_a_different_layout_in_the_same_dir(script_cluster: None) -> None:
-    up()
-    proc = run_script("up", *WHERE, "--password", "other", check=False)
+def test_up_refuses_a_different_layout_in_the_same_dir(script: Script) -> None:
+    script.up()
+    proc = script.run("up", "--password", "other", check=False)
     assert proc.returncode == 1
     assert "holds a different cluster" in proc.stderr and "password" in proc.stderr
     assert "down" in proc.stderr
 
 
 @pytest.mark.cluster
-def test_status_text(script_cluster: None) -> None:
-    up()
-    proc = run_script("status", *WHERE)
+def test_status_text(script: Script) -> None:
+    script.up()
+    proc = script.run("status")
     lines = proc.stdout.splitlines()
     assert len(lines) == 7
-    assert lines[0].startswith(f"node 0  127.0.0.1:{BASE}")
+    assert lines[0].startswith(f"node 0  127.0.0.1:{script.base}")
     assert "alive" in lines[0]
     assert lines[-1] == "cluster_state: ok  healthy: yes"
 
 
 @pytest.mark.cluster
-def test_up_restarts_dead_nodes_of_a_half_alive_cluster(script_cluster: None) -> None:
-    up()
-    replica = next(n["index"] for n in status()[1]["nodes"] if n["role"] == "replica")
-    run_script("kill-node", str(replica), *WHERE)
-    rc, st = status()
+def test_up_restarts_dead_nodes_of_a_half_alive_cluster(script: Script) -> None:
+    script.up()
+    replica = next(n["index"] for n in script.status()[1]["nodes"] if n["role"] == "replica")
+    script.run("kill-node", str(replica))
+    rc, st = script.status()
     assert rc == 1 and st["nodes"][replica]["alive"] is False
-    proc = up()
+    proc = script.up()
     assert f"restarted dead node {replica}" in proc.stdout
-    assert status()[0] == 0
+    assert script.status()[0] == 0
 
 
 @pytest.mark.cluster
-def test_stopped_node_is_unhealthy_until_resumed(script_cluster: None) -> None:
-    up()
-    run_script("kill-node", "1", "--signal", "STOP", *WHERE)
+def test_stopped_node_is_unhealthy_until_resumed(script: Script) -> None:
+    script.up()
+    script.run("kill-node", "1", "--signal", "STOP")
     try:
-        rc, st = status()
+        rc, st = script.status()
         assert rc == 1 and st["nodes"][1]["stopped"] is True
         assert "stopped" in st["reason"]
     finally:
-        proc = run_script("start-node", "1", *WHERE)
+        proc = script.run("start-node", "1")
     assert "resumed" in proc.stdout
-    assert status()[0] == 0
+    assert script.status()[0] == 0
 
 
 @pytest.mark.cluster
-def test_master_failover_and_rejoin(script_cluster: None) -> None:
-    up()
-    nodes = status()[1]["nodes"]
+def test_master_failover_and_rejoin(script: Script) -> None:
+    script.up()
+    nodes = script.status()[1]["nodes"]
     master = next(n for n in nodes if n["role"] == "master")
     replica = next(n for n in nodes if n["master_id"] == master["id"])
-    run_script("kill-node", str(master["index"]), *WHERE)
+    script.run("kill-node", str(master["index"]))
     deadline = time.monotonic() + 20
-    while status()[1]["nodes"][replica["index"]]["role"] != "master":
+    while script.status()[1]["nodes"][replica["index"]]["role"] != "master":
         assert time.monotonic() < deadline, "replica was not promoted"
         time.sleep(0.2)
-    run_script("start-node", str(master["index"]), *WHERE)
-    rc, st = status()
+    script.run("start-node", str(master["index"]))
+    rc, st = script.status()
     assert rc == 0
     assert st["nodes"][master["index"]]["role"] == "replica"
     assert st["nodes"][master["index"]]["master_id"] == replica["id"]
 
 
 @pytest.mark.cluster
-def test_down_stops_every_node_and_removes_the_dir(script_cluster: None) -> None:
-    up()
-    pids = [n["pid"] for n in status()[1]["nodes"]]
+def test_down_stops_every_node_and_removes_the_dir(script: Script) -> None:
+    script.up()
+    pids = [n["pid"] for n in script.status()[1]["nodes"]]
     assert all(pid_is_redis(p) for p in pids)
-    proc = run_script("down", *WHERE)
+    proc = script.run("down")
     assert "stopped 6 redis-server(s)" in proc.stdout
-    assert not DIR.exists()
+    assert not script.dir.exists()
     assert not any(pid_is_redis(p) for p in pids)
-    assert "nothing to stop" in run_script("down", *WHERE).stdout
-    assert status()[0] == 1
+    assert "nothing to stop" in script.run("down").stdout
+    assert script.status()[0] == 1
 
 
 # --- the session fixture -----------------------------------------------------------------------
