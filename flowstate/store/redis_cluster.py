@@ -173,7 +173,7 @@ class RedisClusterStore(FlowStore):
         try:
             async with asyncio.timeout(timeout):
                 await rc.initialize()
-        except (TimeoutError, OSError, rexc.RedisError) as exc:
+        except (TimeoutError, OSError, rexc.RedisError, rexc.RedisClusterException) as exc:
             await rc.aclose()
             raise StoreUnavailable(f"cannot discover the cluster from {seeds}: {exc!r}") from None
         except BaseException:
@@ -226,7 +226,7 @@ class RedisClusterStore(FlowStore):
             self._load_topology()
             self.counters["refreshes"] += 1
             ok = True
-        except (TimeoutError, OSError, rexc.RedisError):
+        except (TimeoutError, OSError, rexc.RedisError, rexc.RedisClusterException):
             self.counters["refresh_failures"] += 1
         finally:
             self._refresh_after = self._loop.time() + (
@@ -397,7 +397,7 @@ class RedisClusterStore(FlowStore):
         except TimeoutError:
             self.counters["timeouts"] += 1
             raise StoreUnavailable("deadline exceeded waiting for Redis (redis-py)") from None
-        except (OSError, rexc.RedisError) as exc:
+        except (OSError, rexc.RedisError, rexc.RedisClusterException) as exc:
             self.counters["connection_errors"] += 1
             raise StoreUnavailable(f"Redis Cluster unavailable: {exc!r}") from None
         for r in res:
