@@ -38,6 +38,18 @@ class Engine(Protocol):
 
     entry_size: int
 
+    def __init__(
+        self,
+        *,
+        source_ipv6: bytes,
+        capacity: int,
+        tcp_idle_ms: int,
+        udp_idle_ms: int,
+        fin_linger_ms: int,
+        touch_interval_ms: int,
+        tunnel_mtu: int = 1500,
+    ) -> None: ...
+
     def set_vip(self, vip_id: int, ip: bytes, port: int, proto: int) -> None: ...
 
     def remove_vip(self, vip_id: int) -> int: ...
