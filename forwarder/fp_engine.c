@@ -18,8 +18,10 @@ static int int_arg(PyObject *o, const char *name, long long lo, long long hi, lo
         PyErr_Format(PyExc_TypeError, "missing required argument '%s'", name);
         return -1;
     }
-    if (!PyLong_Check(o)) {
-        PyErr_Format(PyExc_TypeError, "%s must be an int, not %.100s", name, Py_TYPE(o)->tp_name);
+    /* ValueError (not TypeError) for a wrong type too: the Python reference raises UsageError,
+     * a ValueError, for every bad configuration argument. */
+    if (!PyLong_Check(o) || PyBool_Check(o)) {
+        PyErr_Format(PyExc_ValueError, "%s must be an int, not %.100s", name, Py_TYPE(o)->tp_name);
         return -1;
     }
     int overflow = 0;
@@ -44,7 +46,8 @@ static Py_ssize_t bytes_arg(PyObject *o, const char *name, Py_ssize_t len_a, Py_
     }
     Py_buffer view;
     if (PyObject_GetBuffer(o, &view, PyBUF_SIMPLE) < 0) {
-        PyErr_Format(PyExc_TypeError, "%s must be bytes, not %.100s", name, Py_TYPE(o)->tp_name);
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s must be bytes, not %.100s", name, Py_TYPE(o)->tp_name);
         return -1;
     }
     Py_ssize_t n = view.len;
@@ -64,35 +67,40 @@ static Py_ssize_t bytes_arg(PyObject *o, const char *name, Py_ssize_t len_a, Py_
 
 /* A FlowT (proto, client_ip, client_port, vip_ip, vip_port) into a key. */
 static int flow_arg(PyObject *o, fp_key *k) {
-    if (!PyTuple_Check(o) || PyTuple_GET_SIZE(o) != 5) {
-        PyErr_SetString(PyExc_TypeError,
-                        "flow must be a tuple (proto, client_ip, client_port, vip_ip, vip_port)");
+    PyObject *seq = PySequence_Check(o) && !PyBytes_Check(o) && !PyUnicode_Check(o)
+                        ? PySequence_Tuple(o)
+                        : NULL;
+    if (seq == NULL || PyTuple_GET_SIZE(seq) != 5) {
+        Py_XDECREF(seq);
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError,
+                        "flow must be a 5-tuple (proto, client_ip, client_port, vip_ip, vip_port)");
         return -1;
     }
     long long proto, cport, vport;
     uint8_t cip[16], vip[16];
-    if (int_arg(PyTuple_GET_ITEM(o, 0), "proto", 0, 255, &proto) < 0)
-        return -1;
+    Py_ssize_t clen = -1, vlen = -1;
+    int rc = -1;
+    if (int_arg(PyTuple_GET_ITEM(seq, 0), "proto", 0, 255, &proto) < 0)
+        goto done;
     if (proto != 6 && proto != 17) {
         PyErr_Format(PyExc_ValueError, "proto must be 6 (tcp) or 17 (udp), got %lld", proto);
-        return -1;
+        goto done;
     }
-    Py_ssize_t clen = bytes_arg(PyTuple_GET_ITEM(o, 1), "client_ip", 4, 16, cip);
-    if (clen < 0)
-        return -1;
-    if (int_arg(PyTuple_GET_ITEM(o, 2), "client_port", 0, 0xFFFF, &cport) < 0)
-        return -1;
-    Py_ssize_t vlen = bytes_arg(PyTuple_GET_ITEM(o, 3), "vip_ip", 4, 16, vip);
-    if (vlen < 0)
-        return -1;
-    if (int_arg(PyTuple_GET_ITEM(o, 4), "vip_port", 0, 0xFFFF, &vport) < 0)
-        return -1;
+    if ((clen = bytes_arg(PyTuple_GET_ITEM(seq, 1), "client_ip", 4, 16, cip)) < 0 ||
+        int_arg(PyTuple_GET_ITEM(seq, 2), "client_port", 0, 0xFFFF, &cport) < 0 ||
+        (vlen = bytes_arg(PyTuple_GET_ITEM(seq, 3), "vip_ip", 4, 16, vip)) < 0 ||
+        int_arg(PyTuple_GET_ITEM(seq, 4), "vip_port", 0, 0xFFFF, &vport) < 0)
+        goto done;
     if (clen != vlen) {
         PyErr_SetString(PyExc_ValueError, "client_ip and vip_ip must both be IPv4 or IPv6");
-        return -1;
+        goto done;
     }
     fp_key_set(k, clen == 4 ? 4 : 6, (uint8_t)proto, cip, (uint16_t)cport, vip, (uint16_t)vport);
-    return 0;
+    rc = 0;
+done:
+    Py_DECREF(seq);
+    return rc;
 }
 
 static PyObject *flow_tuple(const void *key_bytes) {
@@ -262,7 +270,7 @@ static int table_stage(fp_engine *E, fp_pkt *p, uint64_t now, PyObject *events, 
     if (s == NULL) { /* a CLOSING entry re-created by a new SYN keeps its slot */
         fp_slot old;
         int evicted;
-        s = fp_table_claim(E, p->hash64, now, &old, &evicted);
+        s = fp_table_claim(E, &p->key, p->hash64, now, &old, &evicted);
         if (evicted && append_event(events, EV_EVICTED, &old, old.backend_id) < 0) {
             memset(s, 0, sizeof(*s)); /* keep the table consistent: the slot is now empty */
             E->n_flows--;
@@ -473,7 +481,7 @@ static int engine_init(FpEngineObject *self, PyObject *args, PyObject *kwds) {
         int_arg(fin, "fin_linger_ms", 0, FP_MAX_TIMEOUT_MS, &linger) < 0 ||
         int_arg(touch, "touch_interval_ms", 0, FP_MAX_TIMEOUT_MS, &interval) < 0)
         return -1;
-    if (mtu != NULL && int_arg(mtu, "tunnel_mtu", FP_ENCAP_LEN + 28, 0xFFFF + FP_ENCAP_LEN,
+    if (mtu != NULL && int_arg(mtu, "tunnel_mtu", FP_IPV6_MIN_MTU, 0xFFFF,
                                &tunnel_mtu) < 0)
         return -1;
 
@@ -549,6 +557,23 @@ static void rebuild_lookup(fp_engine *E) {
     }
 }
 
+static int slot_is_vip(const fp_slot *s, const fp_vip *v) {
+    return s->family == v->family && s->vip_port == v->port && s->proto == v->proto &&
+           memcmp(s->vip_ip, v->ip, 16) == 0;
+}
+
+static long long drop_vip_flows(fp_engine *E, const fp_vip *v) {
+    long long dropped = 0;
+    for (uint32_t i = 0; i < E->capacity; i++) {
+        fp_slot *s = &E->slots[i];
+        if (s->family != 0 && slot_is_vip(s, v)) {
+            fp_slot_clear(E, s);
+            dropped++;
+        }
+    }
+    return dropped;
+}
+
 static PyObject *engine_set_vip(FpEngineObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"vip_id", "ip", "port", "proto", NULL};
     PyObject *id_o, *ip_o, *port_o, *proto_o;
@@ -581,6 +606,9 @@ static PyObject *engine_set_vip(FpEngineObject *self, PyObject *args, PyObject *
         }
     }
     fp_vip *v = &E->vips[id];
+    if (v->in_use && !(v->family == family && v->port == port && v->proto == proto &&
+                       memcmp(v->ip, ip, 16) == 0))
+        drop_vip_flows(E, v);
     v->in_use = 1;
     v->family = family;
     v->port = (uint16_t)port;
@@ -590,10 +618,6 @@ static PyObject *engine_set_vip(FpEngineObject *self, PyObject *args, PyObject *
     Py_RETURN_NONE;
 }
 
-static int slot_is_vip(const fp_slot *s, const fp_vip *v) {
-    return s->family == v->family && s->vip_port == v->port && s->proto == v->proto &&
-           memcmp(s->vip_ip, v->ip, 16) == 0;
-}
 
 static PyObject *engine_remove_vip(FpEngineObject *self, PyObject *arg) {
     long long id;
@@ -603,13 +627,7 @@ static PyObject *engine_remove_vip(FpEngineObject *self, PyObject *arg) {
     fp_vip *v = &E->vips[id];
     long long dropped = 0;
     if (v->in_use) {
-        for (uint32_t i = 0; i < E->capacity; i++) {
-            fp_slot *s = &E->slots[i];
-            if (s->family != 0 && slot_is_vip(s, v)) {
-                fp_slot_clear(E, s);
-                dropped++;
-            }
-        }
+        dropped = drop_vip_flows(E, v);
         memset(v, 0, sizeof(*v));
         rebuild_lookup(E);
     }
@@ -639,7 +657,7 @@ static PyObject *engine_set_backend(FpEngineObject *self, PyObject *args, PyObje
         return NULL;
     if (ifi_o != NULL && int_arg(ifi_o, "ifindex", 0, INT32_MAX, &ifindex) < 0)
         return NULL;
-    if (mtu_o != NULL && int_arg(mtu_o, "mtu", 0, 0xFFFF + FP_ENCAP_LEN, &mtu) < 0)
+    if (mtu_o != NULL && int_arg(mtu_o, "mtu", 0, 0xFFFF, &mtu) < 0)
         return NULL;
     fp_engine *E = &self->e;
     fp_backend *b = E->backends[id];
@@ -697,7 +715,8 @@ static PyObject *engine_set_maglev(FpEngineObject *self, PyObject *args) {
         return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(table_o, &view, PyBUF_SIMPLE) < 0) {
-        PyErr_Format(PyExc_TypeError, "table must be bytes, not %.100s",
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "table must be bytes, not %.100s",
                      Py_TYPE(table_o)->tp_name);
         return NULL;
     }
@@ -731,8 +750,8 @@ static PyObject *engine_maglev_pick(FpEngineObject *self, PyObject *args) {
     long long id;
     if (check_ready(self) < 0 || int_arg(id_o, "vip_id", 0, FP_MAX_VIPS - 1, &id) < 0)
         return NULL;
-    if (!PyLong_Check(hash_o)) {
-        PyErr_SetString(PyExc_TypeError, "hash64 must be an int");
+    if (!PyLong_Check(hash_o) || PyBool_Check(hash_o)) {
+        PyErr_SetString(PyExc_ValueError, "hash64 must be an int");
         return NULL;
     }
     unsigned long long hash = PyLong_AsUnsignedLongLong(hash_o);
@@ -869,8 +888,12 @@ static PyObject *engine_install(FpEngineObject *self, PyObject *args, PyObject *
         int_arg(now_o, "now_ms", 0, INT64_MAX, &now) < 0)
         return NULL;
     fp_engine *E = &self->e;
+    if (fp_find_service(E, k.family, k.vip_ip, k.vip_port, k.proto) < 0) {
+        PyErr_SetString(PyExc_ValueError, "install: the flow's (vip_ip, vip_port, proto) is no VIP");
+        return NULL;
+    }
     if (E->backends[id] == NULL) {
-        PyErr_Format(PyExc_ValueError, "backend_id %lld is not configured", id);
+        PyErr_Format(PyExc_ValueError, "install: backend_id %lld is not configured", id);
         return NULL;
     }
     uint64_t hash = fp_key_hash(&k);
@@ -879,7 +902,7 @@ static PyObject *engine_install(FpEngineObject *self, PyObject *args, PyObject *
         fp_slot old;
         int evicted;
         /* An eviction here has no batch to report it in: it is only counted. */
-        s = fp_table_claim(E, hash, (uint64_t)now, &old, &evicted);
+        s = fp_table_claim(E, &k, hash, (uint64_t)now, &old, &evicted);
     }
     fp_slot_fill(s, &k, (uint16_t)id, (uint64_t)now, k.proto == 6 ? E->tcp_idle_ms : E->udp_idle_ms,
                  E->touch_interval_ms);
@@ -958,7 +981,7 @@ static PyObject *engine_counters(FpEngineObject *self, PyObject *unused FP_UNUSE
             goto error;
     }
     if (put_counter(d, "flows", E->n_flows) < 0 || put_counter(d, "capacity", E->capacity) < 0 ||
-        put_counter(d, "evictions", E->evictions) < 0 ||
+        put_counter(d, "evicted", E->evictions) < 0 ||
         put_counter(d, "expired", E->expired) < 0 ||
         put_counter(d, "installs", E->installs) < 0 ||
         put_counter(d, "vips", E->n_vips) < 0 ||
@@ -973,10 +996,6 @@ error:
 }
 
 static Py_ssize_t engine_len(FpEngineObject *self) { return (Py_ssize_t)self->e.n_flows; }
-
-static PyObject *engine_entry_size(PyObject *self FP_UNUSED, void *closure FP_UNUSED) {
-    return PyLong_FromSize_t(sizeof(fp_slot));
-}
 
 static PyObject *engine_capacity(FpEngineObject *self, void *closure FP_UNUSED) {
     return PyLong_FromUnsignedLong(self->e.capacity);
@@ -1009,7 +1028,6 @@ static PyMethodDef engine_methods[] = {
 };
 
 static PyGetSetDef engine_getset[] = {
-    {"entry_size", engine_entry_size, NULL, "bytes per flow table slot", NULL},
     {"capacity", (getter)engine_capacity, NULL, "flow table slots (a multiple of 8)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -1036,6 +1054,15 @@ int fp_engine_module_init(PyObject *module) {
         return -1;
     if (PyType_Ready(&FpEngine_Type) < 0)
         return -1;
+    /* A class attribute, like the Python reference's: bytes per flow table slot. */
+    PyObject *entry_size = PyLong_FromSize_t(sizeof(fp_slot));
+    if (entry_size == NULL)
+        return -1;
+    int rc = PyDict_SetItemString(FpEngine_Type.tp_dict, "entry_size", entry_size);
+    Py_DECREF(entry_size);
+    if (rc < 0)
+        return -1;
+    PyType_Modified(&FpEngine_Type);
     if (PyModule_AddObjectRef(module, "Engine", (PyObject *)&FpEngine_Type) < 0 ||
         PyModule_AddObjectRef(module, "Result", (PyObject *)&FpResult_Type) < 0)
         return -1;

@@ -71,7 +71,8 @@ enum { EXT_OK = 0, EXT_TRUNCATED = 1, EXT_TOO_MANY = 2, EXT_FRAGMENT = 3 };
 
 /* Walks hop-by-hop/routing/fragment/destination options headers of the IPv6 packet at `ip`
  * whose bytes end at `end`. On EXT_OK, *nh is the upper-layer protocol and *off its offset. */
-static inline int fp_ip6_walk(const uint8_t *ip, uint32_t end, uint8_t *nh, uint32_t *off) {
+static inline int fp_ip6_walk(const uint8_t *ip, uint32_t end, int check_fragment, uint8_t *nh,
+                              uint32_t *off) {
     uint8_t next = ip[6];
     uint32_t pos = 40;
     int count = 0;
@@ -81,7 +82,7 @@ static inline int fp_ip6_walk(const uint8_t *ip, uint32_t end, uint8_t *nh, uint
         if (next == 44) {
             if (pos + 8 > end)
                 return EXT_TRUNCATED;
-            if (fp_be16(ip + pos + 2) & 0xFFF8)
+            if (check_fragment && (fp_be16(ip + pos + 2) & 0xFFF8))
                 return EXT_FRAGMENT;
             next = ip[pos];
             pos += 8;
@@ -106,13 +107,12 @@ static inline int fp_ip6_walk(const uint8_t *ip, uint32_t end, uint8_t *nh, uint
 /* `ip` is the outer IP header, `h` the ICMP header with `l4len` bytes. */
 static inline int fp_classify_icmp(const fp_engine *E, fp_pkt *p, const uint8_t *ip,
                                    const uint8_t *h, uint32_t l4len) {
-    if (l4len < 1)
+    if (l4len < 8)
         return V_DROP_ICMP_SHORT;
     int is_error = p->family == 4 ? h[0] == 3 : (h[0] == 1 || h[0] == 2);
     if (!is_error)
         return V_PASS_NOT_SERVICE;
-    if (l4len < 8)
-        return V_DROP_ICMP_SHORT;
+    /* The quote ends where the outer packet ends; its own length fields are ignored. */
     const uint8_t *q = h + 8;
     uint32_t qlen = l4len - 8;
     const uint8_t *qsrc, *qdst, *ql4;
@@ -120,42 +120,38 @@ static inline int fp_classify_icmp(const fp_engine *E, fp_pkt *p, const uint8_t 
     if (p->family == 4) {
         if (qlen < 20)
             return V_DROP_ICMP_SHORT;
-        uint32_t qihl = (q[0] & 15u) * 4;
-        if (qihl >= 20 && qlen < qihl + 8)
-            return V_DROP_ICMP_SHORT;
-        if ((q[0] >> 4) != 4 || qihl < 20)
+        if ((q[0] >> 4) != 4)
             return V_DROP_ICMP_BAD_QUOTE;
+        uint32_t qihl = (q[0] & 15u) * 4;
+        if (qihl < 20)
+            return V_DROP_ICMP_BAD_QUOTE;
+        if (qihl + 8 > qlen)
+            return V_DROP_ICMP_SHORT;
         if (memcmp(q + 12, ip + 16, 4) != 0)
             return V_DROP_ICMP_BAD_QUOTE;
         qproto = q[9];
-        if (qproto != 6 && qproto != 17)
-            return V_DROP_ICMP_BAD_QUOTE;
-        if (fp_be16(q + 6) & 0x1FFF) /* a later fragment quotes no ports */
-            return V_DROP_ICMP_BAD_QUOTE;
         qsrc = q + 12;
         qdst = q + 16;
         ql4 = q + qihl;
     } else {
         if (qlen < 40)
             return V_DROP_ICMP_SHORT;
-        uint32_t qoff;
-        int r = fp_ip6_walk(q, qlen, &qproto, &qoff);
-        if (r == EXT_TRUNCATED)
-            return V_DROP_ICMP_SHORT;
-        if (r != EXT_OK)
-            return V_DROP_ICMP_BAD_QUOTE;
-        if (qlen < qoff + 8)
-            return V_DROP_ICMP_SHORT;
         if ((q[0] >> 4) != 6)
             return V_DROP_ICMP_BAD_QUOTE;
-        if (memcmp(q + 8, ip + 24, 16) != 0)
+        uint32_t qoff;
+        int r = fp_ip6_walk(q, qlen, 0, &qproto, &qoff);
+        if (r == EXT_TOO_MANY)
             return V_DROP_ICMP_BAD_QUOTE;
-        if (qproto != 6 && qproto != 17)
+        if (r != EXT_OK || qoff + 8 > qlen)
+            return V_DROP_ICMP_SHORT;
+        if (memcmp(q + 8, ip + 24, 16) != 0)
             return V_DROP_ICMP_BAD_QUOTE;
         qsrc = q + 8;
         qdst = q + 24;
         ql4 = q + qoff;
     }
+    if (qproto != 6 && qproto != 17)
+        return V_DROP_ICMP_BAD_QUOTE;
     uint16_t vip_port = fp_be16(ql4), client_port = fp_be16(ql4 + 2);
     int vip_id = fp_find_service(E, p->family, qsrc, vip_port, qproto);
     if (vip_id < 0)
@@ -227,7 +223,7 @@ static inline int fp_classify(const fp_engine *E, fp_pkt *p) {
             return V_DROP_IP6_LENGTH;
         if (!fp_is_vip_addr(E, 6, ip + 24))
             return V_PASS_NOT_VIP;
-        int r = fp_ip6_walk(ip, 40 + plen, &proto, &l4);
+        int r = fp_ip6_walk(ip, 40 + plen, 1, &proto, &l4);
         if (r == EXT_FRAGMENT)
             return V_DROP_FRAGMENT;
         if (r != EXT_OK)

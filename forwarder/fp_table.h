@@ -69,12 +69,17 @@ static inline fp_slot *fp_table_lookup(const fp_engine *E, const fp_key *k, uint
     return NULL;
 }
 
-/* A slot to write `k` into. If a live slot had to be evicted, its old contents are copied to
- * *evicted and 1 is returned in *did_evict. The caller fills the slot. */
-static inline fp_slot *fp_table_claim(fp_engine *E, uint64_t hash, uint64_t now, fp_slot *evicted,
-                                      int *did_evict) {
+/* A slot to write `k` into (DATAPATH.md clarification 5): the slot already holding `k`
+ * (expired or not), else the first empty or expired slot, else the least recently seen one,
+ * whose old contents are copied to *evicted with *did_evict = 1. The caller fills the slot. */
+static inline fp_slot *fp_table_claim(fp_engine *E, const fp_key *k, uint64_t hash, uint64_t now,
+                                      fp_slot *evicted, int *did_evict) {
     fp_slot *b = fp_bucket(E, hash);
     *did_evict = 0;
+    for (int i = 0; i < FP_BUCKET_SLOTS; i++) {
+        if (fp_key_eq(&b[i], k))
+            return &b[i];
+    }
     for (int i = 0; i < FP_BUCKET_SLOTS; i++) {
         if (b[i].family == 0) {
             E->n_flows++;
@@ -83,11 +88,13 @@ static inline fp_slot *fp_table_claim(fp_engine *E, uint64_t hash, uint64_t now,
         if (b[i].expires_ms <= now)
             return &b[i];
     }
+    /* Signed 32-bit ages: exact for every live slot (see fp_slot), and a slot stamped "after"
+     * now (a caller whose clock went back) counts as the most recent, as 64-bit values would. */
     uint32_t now32 = (uint32_t)now;
     int oldest = 0;
-    uint32_t oldest_age = now32 - b[0].last_seen32;
+    int32_t oldest_age = (int32_t)(now32 - b[0].last_seen32);
     for (int i = 1; i < FP_BUCKET_SLOTS; i++) {
-        uint32_t age = now32 - b[i].last_seen32;
+        int32_t age = (int32_t)(now32 - b[i].last_seen32);
         if (age > oldest_age) {
             oldest = i;
             oldest_age = age;
