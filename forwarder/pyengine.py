@@ -90,7 +90,8 @@ def flow_hash64(flow: FlowT) -> int:
     proto, client_ip, client_port, vip_ip, vip_port = flow
     family = 4 if len(client_ip) == 4 else 6
     canonical = _CANON.pack(family, proto, client_port, vip_port) + client_ip + vip_ip
-    h1: int = mmh3.hash64(canonical, HASH_SEED, True, False)[0]
+    # Keywords on purpose: mmh3 5.x ignores a positional `signed` argument.
+    h1: int = mmh3.hash64(canonical, seed=HASH_SEED, x64arch=True, signed=False)[0]
     return h1
 
 
