@@ -37,6 +37,7 @@ from forwarder.packet import (
     TCP_RST,
     TCP_SYN,
     TP_STATUS_CSUMNOTREADY,
+    Event,
     Verdict,
     checksum,
     icmp4_too_big_packet,
@@ -61,12 +62,7 @@ _CANON = struct.Struct("!BBHH")
 _PORTS = struct.Struct("!HH")
 _CSUM = struct.Struct("!H")
 
-# Verdict codes as plain ints: the per-packet code compares ints, not enum members.
-FORWARD, NEW, MISS = Verdict.FORWARD.value, Verdict.NEW.value, Verdict.MISS.value
-PASS_NOT_IP, PASS_NOT_VIP = Verdict.PASS_NOT_IP.value, Verdict.PASS_NOT_VIP.value
-PASS_NOT_SERVICE, REPLY_TOO_BIG = Verdict.PASS_NOT_SERVICE.value, Verdict.REPLY_TOO_BIG.value
-_V = Verdict
-EVENT_NEW, EVENT_CLOSE, EVENT_TOUCH, EVENT_EVICTED = 1, 2, 3, 4
+EVENT_NEW, EVENT_CLOSE, EVENT_TOUCH, EVENT_EVICTED = (e.value for e in Event)
 
 # Results of walking an IPv6 extension chain.
 _EXT_OK, _EXT_TOO_LONG, _EXT_TRUNCATED, _EXT_FRAGMENT = 0, 1, 2, 3
@@ -444,56 +440,56 @@ class Engine:
     ) -> int:
         n = len(f)
         if n < 14:
-            return _V.DROP_ETH_SHORT
+            return Verdict.DROP_ETH_SHORT
         etype = (f[12] << 8) | f[13]
         off = 14
         for _ in range(2):
             if etype != 0x8100 and etype != 0x88A8:
                 break
             if n < off + 4:
-                return _V.DROP_ETH_SHORT
+                return Verdict.DROP_ETH_SHORT
             etype = (f[off + 2] << 8) | f[off + 3]
             off += 4
         avail = n - off
 
         if etype == 0x0800:
             if avail < 20:
-                return _V.DROP_IP4_SHORT
+                return Verdict.DROP_IP4_SHORT
             vihl = f[off]
             if vihl >> 4 != 4:
-                return _V.DROP_IP4_VERSION
+                return Verdict.DROP_IP4_VERSION
             hlen = (vihl & 0x0F) * 4
             if hlen < 20 or hlen > avail:
-                return _V.DROP_IP4_IHL
+                return Verdict.DROP_IP4_IHL
             total = (f[off + 2] << 8) | f[off + 3]
             if total < hlen or total > avail:
-                return _V.DROP_IP4_LENGTH
+                return Verdict.DROP_IP4_LENGTH
             dst = f[off + 16 : off + 20]
             if dst not in self._vip_addresses:
-                return PASS_NOT_VIP
+                return Verdict.PASS_NOT_VIP
             if ((f[off + 6] << 8) | f[off + 7]) & 0x1FFF:
-                return _V.DROP_FRAGMENT
+                return Verdict.DROP_FRAGMENT
             proto = f[off + 9]
             tclass = f[off + 1]
             l4 = off + hlen
         elif etype == 0x86DD:
             if avail < 40:
-                return _V.DROP_IP6_SHORT
+                return Verdict.DROP_IP6_SHORT
             if f[off] >> 4 != 6:
-                return _V.DROP_IP6_VERSION
+                return Verdict.DROP_IP6_VERSION
             plen = (f[off + 4] << 8) | f[off + 5]
             if plen == 0 or 40 + plen > avail:
-                return _V.DROP_IP6_LENGTH
+                return Verdict.DROP_IP6_LENGTH
             dst = f[off + 24 : off + 40]
             if dst not in self._vip_addresses:
-                return PASS_NOT_VIP
+                return Verdict.PASS_NOT_VIP
             total = 40 + plen
             ext, proto, l4 = _walk_ext(f, off + 40, off + total, f[off + 6], True)
             if ext != _EXT_OK:
-                return _V.DROP_FRAGMENT if ext == _EXT_FRAGMENT else _V.DROP_IP6_EXT
+                return Verdict.DROP_FRAGMENT if ext == _EXT_FRAGMENT else Verdict.DROP_IP6_EXT
             tclass = ((f[off] & 0x0F) << 4) | (f[off + 1] >> 4)
         else:
-            return PASS_NOT_IP
+            return Verdict.PASS_NOT_IP
 
         end = off + total
         if proto in (IPPROTO_TCP, IPPROTO_UDP):
@@ -502,7 +498,7 @@ class Engine:
             )
         if proto == (IPPROTO_ICMP if etype == 0x0800 else IPPROTO_ICMPV6):
             return self._icmp_error(f, off, l4, end, tclass, dst, tx, misses, now)
-        return PASS_NOT_SERVICE
+        return Verdict.PASS_NOT_SERVICE
 
     def _transport(
         self,
@@ -523,17 +519,17 @@ class Engine:
         flags = 0
         if proto == IPPROTO_TCP:
             if seglen < 20:
-                return _V.DROP_L4_SHORT
+                return Verdict.DROP_L4_SHORT
             doff = f[l4 + 12] >> 4
             if doff < 5 or doff * 4 > seglen:
-                return _V.DROP_L4_SHORT
+                return Verdict.DROP_L4_SHORT
             flags = f[l4 + 13]
         elif seglen < 8:
-            return _V.DROP_L4_SHORT
+            return Verdict.DROP_L4_SHORT
         sport, dport = _PORTS.unpack_from(f, l4)
         vip_id = self._services.get((dst, dport, proto))
         if vip_id is None:
-            return PASS_NOT_SERVICE
+            return Verdict.PASS_NOT_SERVICE
         v4 = f[off] >> 4 == 4
         if end - off + ENCAP_OVERHEAD > self._mtu:
             return self._too_big(f, off, l4, end, v4, tx)
@@ -552,28 +548,24 @@ class Engine:
                 return self._flow_start(
                     f, off, end, v4, tclass, flow, hash64, vip_id, now, tx, events
                 )
+            backend_id = self._backend[slot]
             self._last_seen[slot] = now
             if state == STATE_ESTABLISHED:
                 if flags & (TCP_FIN | TCP_RST):
                     self._state[slot] = STATE_CLOSING
                     self._expires[slot] = now + self._fin_linger
-                    events.append((EVENT_CLOSE, flow, self._backend[slot]))
+                    events.append((EVENT_CLOSE, flow, backend_id))
                 else:
                     self._expires[slot] = now + self._idle[proto]
                     if now >= self._touch_due[slot]:
                         self._touch_due[slot] = now + self._touch_interval
-                        events.append((EVENT_TOUCH, flow, self._backend[slot]))
-            tx.append(
-                (
-                    self._backend[slot],
-                    self._encap(f, off, end, v4, tclass, hash64, self._backend[slot]),
-                )
-            )
-            return FORWARD
+                        events.append((EVENT_TOUCH, flow, backend_id))
+            tx.append((backend_id, self._encap(f, off, end, v4, tclass, hash64, backend_id)))
+            return Verdict.FORWARD
         if flow_start:
             return self._flow_start(f, off, end, v4, tclass, flow, hash64, vip_id, now, tx, events)
         misses.append((vip_id, flow, f))
-        return MISS
+        return Verdict.MISS
 
     def _flow_start(
         self,
@@ -591,11 +583,11 @@ class Engine:
     ) -> int:
         backend_id = self._pick(vip_id, hash64)
         if backend_id < 0:
-            return _V.DROP_NO_BACKEND
+            return Verdict.DROP_NO_BACKEND
         self._insert(flow, hash64, backend_id, now, events)
         events.append((EVENT_NEW, flow, backend_id))
         tx.append((backend_id, self._encap(f, off, end, v4, tclass, hash64, backend_id)))
-        return NEW
+        return Verdict.NEW
 
     def _encap(
         self, f: bytes, off: int, end: int, v4: bool, tclass: int, hash64: int, backend_id: int
@@ -615,7 +607,7 @@ class Engine:
         self, f: bytes, off: int, l4: int, end: int, v4: bool, tx: list[tuple[int, bytes]]
     ) -> int:
         if self._budget <= 0:
-            return _V.DROP_TOO_BIG
+            return Verdict.DROP_TOO_BIG
         self._budget -= 1
         # Swap the MACs; keep the VLAN tags and the ethertype byte for byte.
         l2 = f[6:12] + f[0:6] + f[12:off]
@@ -627,7 +619,7 @@ class Engine:
             quote = f[off : off + min(end - off, _ICMP6_MAX_QUOTE)]
             reply = icmp6_too_big_packet(f[off + 24 : off + 40], f[off + 8 : off + 24], mtu, quote)
         tx.append((REPLY, l2 + reply))
-        return REPLY_TOO_BIG
+        return Verdict.REPLY_TOO_BIG
 
     def _icmp_error(
         self,
@@ -642,58 +634,58 @@ class Engine:
         now: int,
     ) -> int:
         if end - l4 < 8:
-            return _V.DROP_ICMP_SHORT
+            return Verdict.DROP_ICMP_SHORT
         icmp_type = f[l4]
         v4 = f[off] >> 4 == 4
         if v4:
             if icmp_type != 3:
-                return PASS_NOT_SERVICE
+                return Verdict.PASS_NOT_SERVICE
         elif icmp_type != 1 and icmp_type != 2:
-            return PASS_NOT_SERVICE
+            return Verdict.PASS_NOT_SERVICE
         q = l4 + 8
         if v4:
             if end - q < 20:
-                return _V.DROP_ICMP_SHORT
+                return Verdict.DROP_ICMP_SHORT
             vihl = f[q]
             if vihl >> 4 != 4:
-                return _V.DROP_ICMP_BAD_QUOTE
+                return Verdict.DROP_ICMP_BAD_QUOTE
             qhlen = (vihl & 0x0F) * 4
             if qhlen < 20:
-                return _V.DROP_ICMP_BAD_QUOTE
+                return Verdict.DROP_ICMP_BAD_QUOTE
             if q + qhlen + 8 > end:
-                return _V.DROP_ICMP_SHORT
+                return Verdict.DROP_ICMP_SHORT
             if f[q + 12 : q + 16] != dst:
-                return _V.DROP_ICMP_BAD_QUOTE
+                return Verdict.DROP_ICMP_BAD_QUOTE
             qproto = f[q + 9]
             client = f[q + 16 : q + 20]
             ql4 = q + qhlen
         else:
             if end - q < 40:
-                return _V.DROP_ICMP_SHORT
+                return Verdict.DROP_ICMP_SHORT
             if f[q] >> 4 != 6:
-                return _V.DROP_ICMP_BAD_QUOTE
+                return Verdict.DROP_ICMP_BAD_QUOTE
             ext, qproto, ql4 = _walk_ext(f, q + 40, end, f[q + 6], False)
             if ext == _EXT_TOO_LONG:
-                return _V.DROP_ICMP_BAD_QUOTE
+                return Verdict.DROP_ICMP_BAD_QUOTE
             if ext != _EXT_OK or ql4 + 8 > end:
-                return _V.DROP_ICMP_SHORT
+                return Verdict.DROP_ICMP_SHORT
             if f[q + 8 : q + 24] != dst:
-                return _V.DROP_ICMP_BAD_QUOTE
+                return Verdict.DROP_ICMP_BAD_QUOTE
             client = f[q + 24 : q + 40]
         if qproto not in (IPPROTO_TCP, IPPROTO_UDP):
-            return _V.DROP_ICMP_BAD_QUOTE
+            return Verdict.DROP_ICMP_BAD_QUOTE
         vip_port, client_port = _PORTS.unpack_from(f, ql4)
         vip_id = self._services.get((dst, vip_port, qproto))
         if vip_id is None:
-            return PASS_NOT_SERVICE
+            return Verdict.PASS_NOT_SERVICE
         if end - off + ENCAP_OVERHEAD > self._mtu:
-            return _V.DROP_TOO_BIG
+            return Verdict.DROP_TOO_BIG
         flow: FlowT = (qproto, client, client_port, dst, vip_port)
         hash64 = flow_hash64(flow)
         slot = self._index.get(flow)
         if slot is not None and self._expires[slot] > now:
             backend_id = self._backend[slot]
             tx.append((backend_id, self._encap(f, off, end, v4, tclass, hash64, backend_id)))
-            return FORWARD
+            return Verdict.FORWARD
         misses.append((vip_id, flow, f))
-        return MISS
+        return Verdict.MISS

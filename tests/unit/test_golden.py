@@ -154,9 +154,9 @@ def l3_end(f: bytes) -> int:
         off += 4
     kind = f[off - 2 : off]
     if kind == b"\x08\x00" and len(f) >= off + 4:
-        return off + struct.unpack_from("!H", f, off + 2)[0]
+        return off + int.from_bytes(f[off + 2 : off + 4], "big")
     if kind == b"\x86\xdd" and len(f) >= off + 6:
-        return off + 40 + struct.unpack_from("!H", f, off + 4)[0]
+        return off + 40 + int.from_bytes(f[off + 4 : off + 6], "big")
     return min(off, len(f))
 
 
