@@ -1,0 +1,328 @@
+"""The per-flow slow path, sans-IO: what the store is asked and what the engine installs.
+
+The data path (`Engine`, C or Python) handles every packet of a known flow itself and reports
+misses and flow events. This module turns those into store batches (pins, lookups, touches,
+releases), turns the store's answers (or its failure) into engine installs, and re-runs queued
+packets once their flow is known. It never does I/O and never reads the clock: the async driver
+(`forwarder.service`) passes `now_ms` in and performs the store calls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from flowstate.flow import FiveTuple, Proto
+from flowstate.record import FlowRecord
+
+#: A flow as the engine reports it: (proto, client_ip, client_port, vip_ip, vip_port).
+FlowT = tuple[int, bytes, int, bytes, int]
+#: Engine event codes (forwarder/DATAPATH.md).
+EVENT_NEW, EVENT_CLOSE, EVENT_TOUCH, EVENT_EVICTED = 1, 2, 3, 4
+
+
+class EngineLike(Protocol):
+    """The part of `Engine` the slow path uses."""
+
+    def process(
+        self, frames: Sequence[bytes], now_ms: int, statuses: Sequence[int] | None = None
+    ) -> Any: ...
+
+    def install(self, flow: FlowT, backend_id: int, now_ms: int) -> None: ...
+
+    def lookup(self, flow: FlowT) -> tuple[int, int, int] | None: ...
+
+    def maglev_pick(self, vip_id: int, hash64: int) -> int: ...
+
+
+def to_tuple(flow: FlowT) -> FiveTuple:
+    """Engine flow → store key type."""
+    return FiveTuple(Proto(flow[0]), flow[1], flow[2], flow[3], flow[4])
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    """Limits of the slow path."""
+
+    pop: str
+    """This POP's id, written into every record it pins."""
+    store_ttl_ms: int = 300_000
+    """TTL of a pinning in the store; refreshed by TOUCH events."""
+    fin_linger_ms: int = 10_000
+    """TTL left to a flow in the store after FIN/RST."""
+    miss_queue_per_flow: int = 8
+    """Packets held per unknown flow while its lookup runs; more are dropped and counted."""
+    miss_queue_total: int = 10_000
+    """Packets held in all; more are dropped and counted."""
+    max_writes_per_s: int = 50_000
+    """Cap of store writes (pins first, then releases, then touches); the rest is skipped."""
+    max_batch: int = 512
+    """Most flows in one store call."""
+    writeback_max: int = 100_000
+    """Most pinnings kept for writing back after a store outage; oldest dropped beyond."""
+
+
+@dataclass(slots=True)
+class StoreWork:
+    """One round of store calls the driver performs concurrently, each with its deadline."""
+
+    lookups: list[FlowT] = field(default_factory=list)
+    pins: list[tuple[FlowT, FlowRecord, int]] = field(default_factory=list)
+    """(flow, record, ttl_ms)"""
+    writebacks: set[FlowT] = field(default_factory=set)
+    """Pins of flows already forwarded without the store: on NX conflict keep ours."""
+    touches: list[FlowT] = field(default_factory=list)
+    releases: list[FlowT] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.lookups or self.pins or self.touches or self.releases)
+
+
+@dataclass(slots=True)
+class _Vip:
+    vip_id: int
+    backends: frozenset[int]  # backend_ids a stored record may name (active and draining)
+
+
+class ForwardingCore:
+    """Miss queues, store batching, record validation and Maglev fallback for one engine."""
+
+    def __init__(self, engine: EngineLike, config: CoreConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self._vips: dict[tuple[bytes, int, int], _Vip] = {}
+        self._backend_ids: dict[bytes, int] = {}
+        self._backend_ips: dict[int, bytes] = {}
+        # Flows waiting for a lookup: flow → queued frames (insertion order = age).
+        self._queued: OrderedDict[FlowT, list[bytes]] = OrderedDict()
+        self._queued_frames = 0
+        self._in_flight: set[FlowT] = set()
+        self._pins: OrderedDict[FlowT, int] = OrderedDict()  # flow → backend_id (NEW events)
+        self._writeback: OrderedDict[FlowT, int] = OrderedDict()  # pins to retry after outage
+        self._touches: OrderedDict[FlowT, None] = OrderedDict()
+        self._releases: OrderedDict[FlowT, None] = OrderedDict()
+        self._tokens = float(config.max_writes_per_s)
+        self._tokens_at = 0
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
+                "misses",
+                "miss_queue_full",
+                "lookups",
+                "lookup_hits",
+                "lookup_not_found",
+                "lookup_failed",
+                "fallbacks",
+                "record_rejected",
+                "pins",
+                "pins_adopted",
+                "pin_failed",
+                "writes_rate_limited",
+                "writeback_conflicts",
+                "writeback_dropped",
+                "touches",
+                "releases",
+                "evictions",
+            ),
+            0,
+        )
+
+    # ---- configuration -------------------------------------------------------------------
+
+    def set_vip(
+        self, vip_id: int, ip: bytes, port: int, proto: int, backends: Sequence[int]
+    ) -> None:
+        """Declare a VIP and the backend_ids its stored records may name."""
+        self._vips[(ip, port, proto)] = _Vip(vip_id, frozenset(backends))
+
+    def remove_vip(self, ip: bytes, port: int, proto: int) -> None:
+        self._vips.pop((ip, port, proto), None)
+
+    def set_backend_ids(self, ids: dict[bytes, int]) -> None:
+        """Backend address (16 bytes) → backend_id, for every backend the engine knows."""
+        self._backend_ids = dict(ids)
+        self._backend_ips = {bid: ip for ip, bid in ids.items()}
+
+    # ---- data path input -----------------------------------------------------------------
+
+    def on_result(self, result: Any) -> None:
+        """Take a processed batch's misses and events."""
+        per_flow = self.config.miss_queue_per_flow
+        for _vip_id, flow, frame in result.misses:
+            self.counters["misses"] += 1
+            queue = self._queued.get(flow)
+            if queue is None:
+                if self._queued_frames >= self.config.miss_queue_total:
+                    self.counters["miss_queue_full"] += 1
+                    continue
+                self._queued[flow] = [frame]
+                self._queued_frames += 1
+            elif len(queue) < per_flow and self._queued_frames < self.config.miss_queue_total:
+                queue.append(frame)
+                self._queued_frames += 1
+            else:
+                self.counters["miss_queue_full"] += 1
+        for event, flow, backend_id in result.events:
+            if event == EVENT_NEW:
+                self._pins[flow] = backend_id
+                self._releases.pop(flow, None)
+            elif event == EVENT_CLOSE:
+                self._releases[flow] = None
+                self._touches.pop(flow, None)
+            elif event == EVENT_TOUCH:
+                self._touches[flow] = None
+            elif event == EVENT_EVICTED:
+                self.counters["evictions"] += 1
+
+    @property
+    def queued_frames(self) -> int:
+        return self._queued_frames
+
+    def has_work(self) -> bool:
+        return bool(
+            len(self._queued) > len(self._in_flight)
+            or self._pins
+            or self._writeback
+            or self._touches
+            or self._releases
+        )
+
+    # ---- store work ----------------------------------------------------------------------
+
+    def take_store_work(self, now_ms: int, wall_ms: int | None = None) -> StoreWork:
+        """Next round of store calls: lookups of queued flows, and writes under the cap."""
+        work = StoreWork()
+        limit = self.config.max_batch
+        for flow in self._queued:
+            if len(work.lookups) >= limit:
+                break
+            if flow not in self._in_flight:
+                work.lookups.append(flow)
+                self._in_flight.add(flow)
+        self.counters["lookups"] += len(work.lookups)
+
+        self._refill(now_ms)
+        created = int(time.time() * 1000) if wall_ms is None else wall_ms
+        ttl = self.config.store_ttl_ms
+        for source in (self._pins, self._writeback):
+            while source and len(work.pins) < limit and self._tokens >= 1:
+                flow, backend_id = source.popitem(last=False)
+                backend = self._backend_ips.get(backend_id)
+                if backend is None:
+                    continue
+                rec = FlowRecord(backend, flow[3], created, self.config.pop)
+                work.pins.append((flow, rec, ttl))
+                if source is self._writeback:
+                    work.writebacks.add(flow)
+                self._tokens -= 1
+        while self._releases and len(work.releases) < limit and self._tokens >= 1:
+            work.releases.append(self._releases.popitem(last=False)[0])
+            self._tokens -= 1
+        while self._touches and len(work.touches) < limit and self._tokens >= 1:
+            work.touches.append(self._touches.popitem(last=False)[0])
+            self._tokens -= 1
+        # Past the cap, pins of a flood are dropped rather than queued without bound: the
+        # flows still work locally and Maglev gives other POPs the same answer.
+        overflow = len(self._pins) - 4 * self.config.max_writes_per_s
+        for _ in range(max(0, overflow)):
+            self._pins.popitem(last=False)
+            self.counters["writes_rate_limited"] += 1
+        self.counters["pins"] += len(work.pins)
+        self.counters["touches"] += len(work.touches)
+        self.counters["releases"] += len(work.releases)
+        return work
+
+    def _refill(self, now_ms: int) -> None:
+        rate = self.config.max_writes_per_s
+        if self._tokens_at:
+            self._tokens = min(float(rate), self._tokens + (now_ms - self._tokens_at) * rate / 1000)
+        self._tokens_at = now_ms
+
+    def _valid_backend(self, flow: FlowT, rec: FlowRecord) -> int | None:
+        """backend_id of a stored record if this VIP may use it, else None (rejected)."""
+        vip = self._vips.get((flow[3], flow[4], flow[0]))
+        bid = self._backend_ids.get(rec.backend_ip)
+        if vip is None or bid is None or bid not in vip.backends or rec.vip_ip != flow[3]:
+            self.counters["record_rejected"] += 1
+            return None
+        return bid
+
+    def _fallback(self, flow: FlowT) -> int:
+        vip = self._vips.get((flow[3], flow[4], flow[0]))
+        if vip is None:
+            return -1
+        self.counters["fallbacks"] += 1
+        return self.engine.maglev_pick(vip.vip_id, to_tuple(flow).hash64())
+
+    def on_lookups(
+        self, flows: Sequence[FlowT], records: Sequence[FlowRecord | None] | None, now_ms: int
+    ) -> Any:
+        """Install the answers (None = the store failed) and re-run the flows' queued frames.
+
+        Returns the engine's Result for the re-run frames (its `tx` is what to send).
+        """
+        frames: list[bytes] = []
+        for i, flow in enumerate(flows):
+            self._in_flight.discard(flow)
+            backend_id: int | None = None
+            rec = records[i] if records is not None else None
+            if records is None:
+                self.counters["lookup_failed"] += 1
+            elif rec is None:
+                self.counters["lookup_not_found"] += 1
+            else:
+                self.counters["lookup_hits"] += 1
+                backend_id = self._valid_backend(flow, rec)
+            if backend_id is None:
+                backend_id = self._fallback(flow)
+                if backend_id >= 0:
+                    # Not in the store (lost in a failover, or pinned during an outage):
+                    # write our choice so that the next POP agrees with us.
+                    self._remember_writeback(flow, backend_id)
+            if backend_id >= 0 and self.engine.lookup(flow) is None:
+                self.engine.install(flow, backend_id, now_ms)
+            queued = self._queued.pop(flow, None)
+            if queued:
+                self._queued_frames -= len(queued)
+                frames.extend(queued)
+        return self.engine.process(frames, now_ms) if frames else None
+
+    def _remember_writeback(self, flow: FlowT, backend_id: int) -> None:
+        self._writeback[flow] = backend_id
+        self._writeback.move_to_end(flow)
+        while len(self._writeback) > self.config.writeback_max:
+            self._writeback.popitem(last=False)
+            self.counters["writeback_dropped"] += 1
+
+    def on_pins(self, work: StoreWork, stored: Sequence[FlowRecord] | None, now_ms: int) -> None:
+        """Adopt records that won the NX race; keep failed pins for write-back."""
+        if stored is None:
+            self.counters["pin_failed"] += len(work.pins)
+            for flow, rec, _ttl in work.pins:
+                bid = self._backend_ids.get(rec.backend_ip)
+                if bid is not None:
+                    self._remember_writeback(flow, bid)
+            return
+        for (flow, ours, _ttl), theirs in zip(work.pins, stored, strict=True):
+            if theirs.backend_ip == ours.backend_ip:
+                continue
+            if flow in work.writebacks:
+                # Packets already went to our choice while the store was away; moving the
+                # flow now would break it wherever it lives. Keep ours and count it.
+                self.counters["writeback_conflicts"] += 1
+                continue
+            entry = self.engine.lookup(flow)
+            if entry is None:
+                continue
+            bid = self._valid_backend(flow, theirs)
+            if bid is None:
+                continue
+            self.counters["pins_adopted"] += 1
+            self.engine.install(flow, bid, now_ms)
+
+    def requeue_failed_lookups(self, flows: Sequence[FlowT]) -> None:
+        """A lookup batch was cancelled (shutdown): let its flows be looked up again."""
+        for flow in flows:
+            self._in_flight.discard(flow)

@@ -1,0 +1,354 @@
+"""The forwarder's asyncio driver: packet rings, the store, timers, all around the sans-IO core.
+
+One `Forwarder` runs one engine (one worker process). It reads rings when the kernel says they are
+readable, hands misses and events to `ForwardingCore`, runs the store calls the core asks for with
+their deadlines (never blocking the data path on Redis), and sends what the engine re-emits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flowstate.errors import FlowstateError, StoreUnavailable
+from flowstate.store import FlowStore, MemoryStore
+from flowstate.store import StoreConfig as StoreDeadlines
+from forwarder import maglev
+from forwarder.config import BackendState, ForwarderConfig, StoreKind
+from forwarder.core import CoreConfig, ForwardingCore, StoreWork, to_tuple
+
+log = logging.getLogger("flowstate.forwarder")
+
+#: Frames taken from a ring per `run` call.
+RX_BATCH = 256
+#: How often idle flows are swept, and how many table slots per sweep.
+EXPIRE_EVERY_S, EXPIRE_BUDGET = 0.1, 4096
+#: How often neighbour entries are re-read.
+NEIGH_EVERY_S = 2.0
+#: Delay between reconnect attempts while the store is unreachable.
+STORE_RETRY_S = 1.0
+
+
+def monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Engine ids derived from a config: VIP ids by position, backend ids by sorted address."""
+
+    vip_ids: dict[tuple[bytes, int, int], int]
+    backend_ids: dict[bytes, int]
+    tables: dict[int, bytes]
+    vip_backends: dict[int, list[int]]
+
+
+def plan_engine(config: ForwarderConfig, previous: Plan | None = None) -> Plan:
+    """Assign stable ids (kept across reloads where the address is unchanged) and Maglev tables."""
+    backend_ids = dict(previous.backend_ids) if previous else {}
+    wanted = sorted({b.address.packed for v in config.vips for b in v.backends})
+    for ip in [ip for ip in backend_ids if ip not in wanted]:
+        del backend_ids[ip]
+    free = (i for i in range(0xFFFF) if i not in set(backend_ids.values()))
+    for ip in wanted:
+        if ip not in backend_ids:
+            backend_ids[ip] = next(free)
+    vip_ids: dict[tuple[bytes, int, int], int] = {}
+    tables: dict[int, bytes] = {}
+    vip_backends: dict[int, list[int]] = {}
+    for vip_id, vip in enumerate(config.vips):
+        vip_ids[(vip.address.packed, vip.port, int(vip.protocol))] = vip_id
+        active = [
+            (b.address.packed, b.weight) for b in vip.backends if b.state is BackendState.ACTIVE
+        ]
+        table = maglev.MaglevTable.build(active, vip.maglev_size) if active else None
+        if table is None or not table.backends:
+            tables[vip_id] = b""
+        else:
+            ids = [backend_ids[ip] for ip, _w in table.backends]
+            tables[vip_id] = array("H", (ids[i] for i in table.table)).tobytes()
+        vip_backends[vip_id] = [backend_ids[b.address.packed] for b in vip.backends]
+    return Plan(vip_ids, backend_ids, tables, vip_backends)
+
+
+def make_engine(config: ForwarderConfig) -> Any:
+    """Build the configured engine (C or Python) with the flow table limits of `config`."""
+    from forwarder.fastpath import load_engine
+
+    t = config.timeouts
+    return load_engine(str(config.impl))(
+        source_ipv6=config.source_ipv6.packed,
+        capacity=config.flow_table.capacity,
+        tcp_idle_ms=t.tcp_idle_ms,
+        udp_idle_ms=t.udp_idle_ms,
+        fin_linger_ms=t.fin_linger_ms,
+        touch_interval_ms=t.store_refresh_ms,
+    )
+
+
+def apply_plan(engine: Any, core: ForwardingCore, plan: Plan, config: ForwarderConfig) -> None:
+    """Load VIPs, backends and Maglev tables into the engine and the core."""
+    for ip, bid in plan.backend_ids.items():
+        engine.set_backend(bid, ip)
+    core.set_backend_ids(plan.backend_ids)
+    for (ip, port, proto), vip_id in plan.vip_ids.items():
+        engine.set_vip(vip_id, ip, port, proto)
+        engine.set_maglev(vip_id, plan.tables[vip_id])
+        core.set_vip(vip_id, ip, port, proto, plan.vip_backends[vip_id])
+
+
+async def open_store(config: ForwarderConfig) -> FlowStore:
+    """Connect the configured store; raises StoreUnavailable if Redis does not answer."""
+    sc = config.store
+    if sc.kind is StoreKind.MEMORY:
+        return MemoryStore(max_entries=max(1, config.flow_table.capacity))
+    from flowstate.store.redis_cluster import RedisClusterStore
+
+    secret = sc.read_password()
+    return await RedisClusterStore.connect(
+        [(e.host, e.port) for e in sc.seeds],
+        password=secret.reveal() if secret else None,
+        username=sc.username,
+        config=StoreDeadlines(
+            lookup_deadline_ms=sc.lookup_deadline_ms, write_deadline_ms=sc.write_deadline_ms
+        ),
+    )
+
+
+class Forwarder:
+    """One worker: rings + engine + core + store, driven by the event loop."""
+
+    def __init__(
+        self,
+        config: ForwarderConfig,
+        engine: Any,
+        rings: Sequence[Any],
+        *,
+        store: FlowStore | None = None,
+        store_factory: Callable[[], Any] | None = None,
+        neighbours: Any = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.rings = list(rings)
+        self.store = store
+        self._store_factory = store_factory
+        self._neighbours = neighbours
+        t = config.timeouts
+        self.core = ForwardingCore(
+            engine,
+            CoreConfig(
+                pop=config.pop,
+                store_ttl_ms=t.store_ttl_ms,
+                fin_linger_ms=t.fin_linger_ms,
+                miss_queue_per_flow=config.flow_table.miss_queue_per_flow,
+                miss_queue_total=config.flow_table.miss_queue_total,
+                max_writes_per_s=config.store.max_writes_per_s,
+            ),
+        )
+        self.plan = plan_engine(config)
+        apply_plan(engine, self.core, self.plan, config)
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self.counters: dict[str, int] = {"rx_batches": 0, "store_reconnects": 0}
+
+    # ---- data path -----------------------------------------------------------------------
+
+    def _on_readable(self, ring: Any) -> None:
+        result = ring.run(self.engine, monotonic_ms(), RX_BATCH)
+        self.counters["rx_batches"] += 1
+        if result.misses or result.events:
+            self.core.on_result(result)
+            self._wake.set()
+
+    def _send(self, result: Any) -> None:
+        if result is not None and result.tx and self.rings:
+            self.rings[0].send(result.tx)
+
+    # ---- store ---------------------------------------------------------------------------
+
+    async def _store_loop(self) -> None:
+        while not self._stopping.is_set():
+            if not self.core.has_work():
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05):
+                        await self._wake.wait()
+            now = monotonic_ms()
+            work = self.core.take_store_work(now)
+            if not work:
+                continue
+            if self.store is None:
+                self._finish_without_store(work, now)
+                continue
+            await self._run_work(self.store, work)
+
+    def _finish_without_store(self, work: StoreWork, now: int) -> None:
+        self._send(self.core.on_lookups(work.lookups, None, now))
+        self.core.on_pins(work, None, now)
+
+    async def _run_work(self, store: FlowStore, work: StoreWork) -> None:
+        async def lookups() -> None:
+            tuples = [to_tuple(f) for f in work.lookups]
+            try:
+                records = await store.lookup_many(tuples)
+            except StoreUnavailable:
+                self._send(self.core.on_lookups(work.lookups, None, monotonic_ms()))
+                return
+            self._send(self.core.on_lookups(work.lookups, records, monotonic_ms()))
+
+        async def pins() -> None:
+            items = [(to_tuple(f), rec, ttl) for f, rec, ttl in work.pins]
+            try:
+                stored = await store.pin_many(items)
+            except StoreUnavailable:
+                self.core.on_pins(work, None, monotonic_ms())
+                return
+            self.core.on_pins(work, stored, monotonic_ms())
+
+        async def touches() -> None:
+            ttl = self.config.timeouts.store_ttl_ms
+            with contextlib.suppress(StoreUnavailable):
+                await store.touch_many([(to_tuple(f), ttl) for f in work.touches])
+
+        async def releases() -> None:
+            linger = self.config.timeouts.fin_linger_ms
+            with contextlib.suppress(StoreUnavailable):
+                await store.release_many([to_tuple(f) for f in work.releases], linger)
+
+        jobs = []
+        if work.lookups:
+            jobs.append(lookups())
+        if work.pins:
+            jobs.append(pins())
+        if work.touches:
+            jobs.append(touches())
+        if work.releases:
+            jobs.append(releases())
+        await asyncio.gather(*jobs)
+
+    async def _connect_loop(self) -> None:
+        """Connect (and reconnect) the store in the background; forwarding never waits on it."""
+        while self.store is None and self._store_factory is not None:
+            try:
+                self.store = await self._store_factory()
+                log.info("store connected")
+            except (StoreUnavailable, FlowstateError, OSError) as exc:
+                self.counters["store_reconnects"] += 1
+                log.warning("store unavailable, forwarding on Maglev fallback: %s", exc)
+                await asyncio.sleep(STORE_RETRY_S)
+
+    # ---- housekeeping --------------------------------------------------------------------
+
+    async def _expire_loop(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(EXPIRE_EVERY_S)
+            self.engine.expire(monotonic_ms(), EXPIRE_BUDGET)
+
+    async def _neigh_loop(self) -> None:
+        while not self._stopping.is_set() and self._neighbours is not None:
+            try:
+                changed = await self._neighbours.refresh()
+            except (OSError, FlowstateError) as exc:
+                log.warning("neighbour refresh failed: %s", exc)
+                changed = {}
+            for ip, link in changed.items():
+                bid = self.plan.backend_ids.get(ip)
+                if bid is not None:
+                    self.engine.set_backend(
+                        bid,
+                        ip,
+                        dst_mac=link.dst_mac,
+                        src_mac=link.src_mac,
+                        ifindex=link.ifindex,
+                        mtu=link.mtu,
+                    )
+            await asyncio.sleep(NEIGH_EVERY_S)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def run(self) -> None:
+        """Forward until `stop()`."""
+        loop = asyncio.get_running_loop()
+        for ring in self.rings:
+            loop.add_reader(ring.fileno(), self._on_readable, ring)
+        self._spawn(self._connect_loop())
+        self._spawn(self._store_loop())
+        self._spawn(self._expire_loop())
+        if self._neighbours is not None:
+            self._spawn(self._neigh_loop())
+        try:
+            await self._stopping.wait()
+        finally:
+            for ring in self.rings:
+                loop.remove_reader(ring.fileno())
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self.store is not None:
+                await self.store.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+def open_rings(config: ForwarderConfig, fanout_group: int) -> list[Any]:
+    """One receive ring per configured interface, of the configured implementation."""
+    from forwarder.bpf import vip_filter
+
+    program = vip_filter(sorted({v.address.packed for v in config.vips}))
+    rings: list[Any] = []
+    try:
+        for ifname in config.interfaces:
+            if config.impl == "c":
+                from forwarder._fastpath import PacketRing
+
+                rings.append(PacketRing(ifname, fanout_group=fanout_group, bpf=program))
+            else:
+                from forwarder.pyio import PyPacketRing
+
+                rings.append(PyPacketRing(ifname, fanout_group=fanout_group, bpf=program))
+    except BaseException:
+        for ring in rings:
+            ring.close()
+        raise
+    return rings
+
+
+async def serve(config: ForwarderConfig, *, fanout_group: int = 0) -> None:
+    """Run one worker until SIGINT/SIGTERM."""
+    import signal
+
+    from forwarder.neigh import NeighbourCache
+
+    engine = make_engine(config)
+    rings = open_rings(config, fanout_group)
+    neighbours = NeighbourCache([b.address for v in config.vips for b in v.backends])
+    fwd = Forwarder(
+        config,
+        engine,
+        rings,
+        store_factory=lambda: open_store(config),
+        neighbours=neighbours,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, fwd.stop)
+    log.info("forwarding: %s", config.summary())
+    try:
+        await fwd.run()
+    finally:
+        for ring in rings:
+            ring.close()

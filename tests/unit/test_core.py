@@ -1,0 +1,194 @@
+"""The slow path (ForwardingCore) driven by a real engine and the in-process store, no I/O.
+
+Two cores sharing one store stand for two POPs: a flow pinned by one is found by the other.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from array import array
+from typing import Any
+
+import pytest
+
+from flowstate.flow import FiveTuple, Proto
+from flowstate.record import FlowRecord
+from flowstate.store import MemoryStore
+from forwarder import packet as P
+from forwarder.core import CoreConfig, ForwardingCore, StoreWork, to_tuple
+from forwarder.fastpath import c_engine_available, load_engine
+from forwarder.maglev import MaglevTable
+
+SRC6 = ipaddress.IPv6Address("2001:db8:f0::1").packed
+VIP = ipaddress.IPv4Address("192.0.2.10").packed
+CLIENT = ipaddress.IPv4Address("198.51.100.7").packed
+BACKENDS = [ipaddress.IPv6Address(f"2001:db8:b::{i}").packed for i in range(1, 5)]
+IDS = {ip: i for i, ip in enumerate(BACKENDS)}
+NOW = 1_000_000
+
+IMPLS = ["python"] + (["c"] if c_engine_available() else [])
+
+
+def _table(backends: list[bytes]) -> bytes:
+    t = MaglevTable.build([(b, 1) for b in backends], 13)
+    return array("H", (IDS[t.backends[i][0]] for i in t.table)).tobytes()
+
+
+def make_pop(
+    impl: str, name: str, backends: list[bytes], allowed: list[bytes] | None = None, **cfg: Any
+) -> ForwardingCore:
+    """A POP whose Maglev uses `backends`; stored records may name `allowed` (default: same)."""
+    engine = load_engine(impl)(
+        source_ipv6=SRC6,
+        capacity=1024,
+        tcp_idle_ms=60_000,
+        udp_idle_ms=10_000,
+        fin_linger_ms=1_000,
+        touch_interval_ms=15_000,
+    )
+    for ip, bid in IDS.items():
+        engine.set_backend(bid, ip)
+    engine.set_vip(0, VIP, 80, 6)
+    engine.set_maglev(0, _table(backends))
+    core = ForwardingCore(engine, CoreConfig(pop=name, **cfg))
+    core.set_backend_ids(IDS)
+    core.set_vip(0, VIP, 80, 6, [IDS[b] for b in (allowed or backends)])
+    return core
+
+
+def tcp_frame(port: int, flags: int) -> bytes:
+    return P.frame(P.ipv4(CLIENT, VIP, P.tcp(CLIENT, VIP, port, 80, flags=flags), proto=6))
+
+
+def flow(port: int) -> tuple[int, bytes, int, bytes, int]:
+    return (6, CLIENT, port, VIP, 80)
+
+
+async def run_store(core: ForwardingCore, store: Any, now: int, *, down: bool = False) -> list[Any]:
+    """Perform one round of store work as the service would; return the tx of re-run frames."""
+    work: StoreWork = core.take_store_work(now, wall_ms=1_700_000_000_000)
+    tx: list[Any] = []
+    if work.lookups:
+        records = None if down else await store.lookup_many([to_tuple(f) for f in work.lookups])
+        result = core.on_lookups(work.lookups, records, now)
+        if result is not None:
+            tx.extend(result.tx)
+    if work.pins:
+        stored = (
+            None if down else await store.pin_many([(to_tuple(f), r, t) for f, r, t in work.pins])
+        )
+        core.on_pins(work, stored, now)
+    return tx
+
+
+def feed(core: ForwardingCore, frames: list[bytes], now: int = NOW) -> Any:
+    result = core.engine.process(frames, now)
+    core.on_result(result)
+    return result
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def test_syn_is_pinned_and_found_by_another_pop(impl: str) -> None:
+    store = MemoryStore()
+    pop1 = make_pop(impl, "pop1", BACKENDS[:3])
+    r = feed(pop1, [tcp_frame(40000, P.TCP_SYN)])
+    assert r.verdicts == bytes([P.Verdict.NEW])
+    chosen = r.tx[0][0]
+    await run_store(pop1, store, NOW)
+    (rec,) = await store.lookup_many([to_tuple(flow(40000))])
+    assert rec is not None and rec.backend_ip == BACKENDS[chosen] and rec.pop == "pop1"
+
+    # POP2 has a different backend set (one added): Maglev alone could disagree, the store not.
+    pop2 = make_pop(impl, "pop2", BACKENDS)
+    r2 = feed(pop2, [tcp_frame(40000, P.TCP_ACK), tcp_frame(40000, P.TCP_ACK | P.TCP_PSH)])
+    assert r2.verdicts == bytes([P.Verdict.MISS, P.Verdict.MISS]) and not r2.tx
+    tx = await run_store(pop2, store, NOW + 1)
+    assert [bid for bid, _ in tx] == [chosen, chosen]
+    assert pop2.counters["lookup_hits"] == 1 and pop2.queued_frames == 0
+    # Now the flow is local at POP2: no further store round trip.
+    r3 = feed(pop2, [tcp_frame(40000, P.TCP_ACK)], NOW + 2)
+    assert r3.verdicts == bytes([P.Verdict.FORWARD]) and r3.tx[0][0] == chosen
+
+
+async def test_store_down_falls_back_to_maglev_and_writes_back(impl: str) -> None:
+    store = MemoryStore()
+    pop = make_pop(impl, "pop1", BACKENDS[:3])
+    feed(pop, [tcp_frame(40001, P.TCP_ACK)])
+    tx = await run_store(pop, store, NOW, down=True)
+    expected = pop.engine.maglev_pick(0, to_tuple(flow(40001)).hash64())
+    assert [bid for bid, _ in tx] == [expected]
+    assert pop.counters["lookup_failed"] == 1 and pop.counters["fallbacks"] == 1
+    # The store is back: the fallback choice is written so other POPs agree.
+    await run_store(pop, store, NOW + 1000)
+    (rec,) = await store.lookup_many([to_tuple(flow(40001))])
+    assert rec is not None and rec.backend_ip == BACKENDS[expected]
+
+
+async def test_record_with_foreign_backend_is_rejected(impl: str) -> None:
+    store = MemoryStore()
+    evil = ipaddress.IPv6Address("2001:db8:666::1").packed
+    await store.pin_many([(to_tuple(flow(40002)), FlowRecord(evil, VIP, 1, "x"), 60_000)])
+    pop = make_pop(impl, "pop1", BACKENDS[:3])
+    feed(pop, [tcp_frame(40002, P.TCP_ACK)])
+    tx = await run_store(pop, store, NOW)
+    assert pop.counters["record_rejected"] == 1
+    assert [bid for bid, _ in tx] == [pop.engine.maglev_pick(0, to_tuple(flow(40002)).hash64())]
+    # A backend of another VIP (known to the engine but not allowed here) is rejected as well.
+    await store.delete([to_tuple(flow(40003))])
+    await store.pin_many([(to_tuple(flow(40003)), FlowRecord(BACKENDS[3], VIP, 1, "x"), 60_000)])
+    feed(pop, [tcp_frame(40003, P.TCP_ACK)])
+    tx = await run_store(pop, store, NOW)
+    assert pop.counters["record_rejected"] == 2 and tx[0][0] != 3
+
+
+async def test_nx_conflict_adopts_the_first_pin(impl: str) -> None:
+    store = MemoryStore()
+    # Find a flow whose Maglev choice differs between the two backend sets.
+    pop1 = make_pop(impl, "pop1", BACKENDS[:2])
+    # POP2 knows every backend but its Maglev uses only two (the others drain there).
+    pop2 = make_pop(impl, "pop2", BACKENDS[2:], allowed=BACKENDS)
+    port = 41000
+    r1 = feed(pop1, [tcp_frame(port, P.TCP_SYN)])
+    await run_store(pop1, store, NOW)
+    r2 = feed(pop2, [tcp_frame(port, P.TCP_SYN)])
+    assert r1.tx[0][0] != r2.tx[0][0]
+    await run_store(pop2, store, NOW)
+    assert pop2.counters["pins_adopted"] == 1
+    entry = pop2.engine.lookup(flow(port))
+    assert entry is not None and entry[0] == r1.tx[0][0]
+
+
+async def test_miss_queue_is_bounded(impl: str) -> None:
+    pop = make_pop(impl, "pop1", BACKENDS[:3], miss_queue_per_flow=2, miss_queue_total=3)
+    feed(pop, [tcp_frame(42000, P.TCP_ACK)] * 5 + [tcp_frame(42001, P.TCP_ACK)] * 2)
+    assert pop.queued_frames == 3
+    assert pop.counters["miss_queue_full"] == 4
+    tx = await run_store(pop, MemoryStore(), NOW)
+    assert len(tx) == 3 and pop.queued_frames == 0
+
+
+async def test_store_writes_are_capped(impl: str) -> None:
+    pop = make_pop(impl, "pop1", BACKENDS[:3], max_writes_per_s=10)
+    feed(pop, [tcp_frame(43000 + i, P.TCP_SYN) for i in range(100)])
+    store = MemoryStore()
+    work = pop.take_store_work(NOW)
+    assert len(work.pins) == 10
+    work2 = pop.take_store_work(NOW + 500)  # half a second refills five tokens
+    assert len(work2.pins) == 5
+    assert len(store) == 0
+
+
+async def test_fin_releases_and_touch_refreshes(impl: str) -> None:
+    pop = make_pop(impl, "pop1", BACKENDS[:3])
+    feed(pop, [tcp_frame(44000, P.TCP_SYN)])
+    feed(pop, [tcp_frame(44000, P.TCP_ACK)], NOW + 20_000)  # past touch_interval
+    feed(pop, [tcp_frame(44000, P.TCP_FIN | P.TCP_ACK)], NOW + 20_001)
+    work = pop.take_store_work(NOW + 20_002)
+    assert [f for f, _r, _t in work.pins] == [flow(44000)]
+    assert work.releases == [flow(44000)]
+    assert work.touches == [] or work.touches == [flow(44000)]
+    assert FiveTuple.make(Proto.TCP, CLIENT, 44000, VIP, 80) == to_tuple(flow(44000))
