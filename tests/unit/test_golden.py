@@ -425,3 +425,44 @@ def test_load_engine_names() -> None:
     assert load_engine("python").__module__ == "forwarder.pyengine"
     with pytest.raises(UsageError):
         load_engine("rust")
+
+
+def normalised(result: Any) -> tuple[Any, ...]:
+    return (
+        bytes(result.verdicts),
+        [(int(d), bytes(p)) for d, p in result.tx],
+        [(int(v), tuple(fl), bytes(f)) for v, fl, f in result.misses],
+        [(int(e), tuple(fl), int(b)) for e, fl, b in result.events],
+    )
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from(CASES),
+    st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=4),
+    st.integers(0, 1 << 16),
+    st.integers(0, 15),
+)
+def test_c_and_python_agree_on_mutated_frames(
+    case: GoldenCase, edits: list[tuple[int, int]], cut: int, status: int
+) -> None:
+    """Differential fuzzing: both impls give identical results and counters, frame by frame."""
+    if not c_engine_available():
+        if os.environ.get("FLOWSTATE_REQUIRE_C") == "1":
+            pytest.fail("FLOWSTATE_REQUIRE_C=1 but forwarder._fastpath has no Engine")
+        pytest.skip("forwarder._fastpath has no Engine yet")
+    engines = [golden_engine(load_engine(impl)) for impl in ("python", "c")]
+    for engine in engines:
+        for step in case.setup:
+            run_step(engine, step, Counter(), "setup")
+    frames = []
+    for f in case.main.frames[:4]:
+        mutated = bytearray(f)
+        for position, value in edits:
+            mutated[position % len(mutated)] = value
+        frames += [f, bytes(mutated), bytes(mutated[: cut % (len(mutated) + 1)])]
+    py, c = (normalised(e.process(frames, case.now_ms, [status] * len(frames))) for e in engines)
+    assert names(c[0]) == names(py[0])
+    assert c == py
+    assert engines[1].counters().items() >= engines[0].counters().items()
+    assert len(engines[0]) == len(engines[1])
