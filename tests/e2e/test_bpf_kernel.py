@@ -50,6 +50,24 @@ def inside(netns: str) -> Iterator[None]:
                 raise OSError(ctypes.get_errno(), "setns back")
 
 
+def wait_up(netns: str, *ifnames: str) -> None:
+    """Wait until the links are operationally up: until linkwatch attaches their qdisc (up to
+    a second after `link set up`), frames sent on them are dropped."""
+    deadline = time.monotonic() + 3.0
+    for ifname in ifnames:
+        while True:
+            state = subprocess.run(
+                ["ip", "-n", netns, "-j", "link", "show", ifname],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            if '"operstate":"UP"' in state:
+                break
+            assert time.monotonic() < deadline, f"{netns}/{ifname} never came up"
+            time.sleep(0.02)
+
+
 @pytest.fixture
 def veth_pair() -> Iterator[tuple[str, str, bytes]]:
     """Namespaces `cap` (veth `va`) and `peer` (veth `vb`); yields (cap, peer, MAC of va)."""
@@ -63,6 +81,8 @@ def veth_pair() -> Iterator[tuple[str, str, bytes]]:
         ip("link", "add", "va", "netns", cap, "type", "veth", "peer", "name", "vb", "netns", peer)
         ip("-n", cap, "link", "set", "va", "up")
         ip("-n", peer, "link", "set", "vb", "up")
+        wait_up(cap, "va")
+        wait_up(peer, "vb")
         with inside(cap):
             mac = bytes.fromhex(mac_of("va"))
         yield cap, peer, mac

@@ -1,0 +1,331 @@
+"""Backend link resolution in namespaces: a direct backend, a gatewayed one, and the failures.
+
+fwd f0 ── b0 be1            fd00:1::/64, backend fd00:1::2 on link
+fwd f1 ── r0 rtr r1 ── b0 be2   fd00:2::/64 to the router, backend fd00:3::2 behind it
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ipaddress
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import pytest
+
+from flowstate.errors import UsageError
+from forwarder.neigh import (
+    Link,
+    NeighbourCache,
+    disable_offloads,
+    interface_info,
+    resolve_links,
+    resolve_links_sync,
+)
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+]
+
+CLONE_NEWNET = 0x40000000
+DIRECT = "fd00:1::2"
+GATEWAYED = "fd00:3::2"
+SMALL_MTU = "fd00:4::9"  # behind the router too, on a route with mtu 1400
+NO_ROUTE = "fd00:9::1"
+LOCAL = "fd00:1::1"
+NOBODY = "fd00:1::99"  # on link, but no host answers
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def packed(address: str) -> bytes:
+    return ipaddress.IPv6Address(address).packed
+
+
+def ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+def ip_link(netns: str, ifname: str) -> dict[str, object]:
+    """`ip -j link show` of one interface: the ground truth for MACs, index and MTU."""
+    [info] = json.loads(ip("-n", netns, "-j", "link", "show", ifname))
+    assert isinstance(info, dict)
+    return info
+
+
+def mac(netns: str, ifname: str) -> bytes:
+    return bytes.fromhex(str(ip_link(netns, ifname)["address"]).replace(":", ""))
+
+
+@contextlib.contextmanager
+def inside(netns: str) -> Iterator[None]:
+    """Run the block with this thread in `netns` (netlink sockets and children follow it)."""
+    with open("/proc/thread-self/ns/net", "rb") as home, open(f"/run/netns/{netns}", "rb") as ns:
+        if _libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+        try:
+            yield
+        finally:
+            if _libc.setns(home.fileno(), CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+
+
+def wait_up(netns: str, *ifnames: str) -> None:
+    """Wait until the links are operationally up: until linkwatch attaches their qdisc (up to
+    a second after `link set up`), frames sent on them are dropped."""
+    deadline = time.monotonic() + 3.0
+    for ifname in ifnames:
+        while True:
+            state = subprocess.run(
+                ["ip", "-n", netns, "-j", "link", "show", ifname],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            if '"operstate":"UP"' in state:
+                break
+            assert time.monotonic() < deadline, f"{netns}/{ifname} never came up"
+            time.sleep(0.02)
+
+
+class Lab(NamedTuple):
+    fwd: str
+    be1: str
+    rtr: str
+    be2: str
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    tag = uuid.uuid4().hex[:8]
+    lab = Lab(*(f"fsn-{tag}-{role}" for role in Lab._fields))
+    made: list[str] = []
+    try:
+        for ns in lab:
+            ip("netns", "add", ns)
+            made.append(ns)
+            # No duplicate address detection: link-local addresses are usable at once, so the
+            # kernel can send neighbour solicitations without waiting ~1 s.
+            subprocess.run(
+                ["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"],
+                check=True,
+            )
+        ip(
+            "link",
+            "add",
+            "f0",
+            "netns",
+            lab.fwd,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "b0",
+            "netns",
+            lab.be1,
+        )
+        ip(
+            "link",
+            "add",
+            "f1",
+            "netns",
+            lab.fwd,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "r0",
+            "netns",
+            lab.rtr,
+        )
+        ip(
+            "link",
+            "add",
+            "r1",
+            "netns",
+            lab.rtr,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "b0",
+            "netns",
+            lab.be2,
+        )
+        for ns, ifname, address in [
+            (lab.fwd, "f0", "fd00:1::1/64"),
+            (lab.be1, "b0", "fd00:1::2/64"),
+            (lab.fwd, "f1", "fd00:2::1/64"),
+            (lab.rtr, "r0", "fd00:2::2/64"),
+            (lab.rtr, "r1", "fd00:3::1/64"),
+            (lab.be2, "b0", "fd00:3::2/64"),
+        ]:
+            ip("-n", ns, "addr", "add", address, "dev", ifname, "nodad")
+            ip("-n", ns, "link", "set", ifname, "up")
+        for ns, ifname in [
+            (lab.fwd, "f0"),
+            (lab.fwd, "f1"),
+            (lab.be1, "b0"),
+            (lab.rtr, "r0"),
+            (lab.rtr, "r1"),
+            (lab.be2, "b0"),
+        ]:
+            wait_up(ns, ifname)
+        ip("-n", lab.fwd, "route", "add", "fd00:3::/64", "via", "fd00:2::2", "dev", "f1")
+        ip(
+            "-n",
+            lab.fwd,
+            "route",
+            "add",
+            "fd00:4::/64",
+            "via",
+            "fd00:2::2",
+            "dev",
+            "f1",
+            "mtu",
+            "1400",
+        )
+        yield lab
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+
+def resolve_until(lab: Lab, addresses: list[str], settled: list[str]) -> dict[bytes, Link]:
+    """Resolve (probing) until every address in `settled` is resolved."""
+    deadline = time.monotonic() + 5.0
+    with inside(lab.fwd):
+        while True:
+            links = resolve_links_sync(addresses)
+            if all(links[packed(a)].resolved for a in settled) or time.monotonic() > deadline:
+                return links
+            time.sleep(0.05)
+
+
+def test_direct_and_gatewayed_backends(lab: Lab) -> None:
+    with inside(lab.fwd):
+        first = resolve_links_sync([DIRECT, GATEWAYED])
+    # Nothing has talked to the backends yet: unresolved this round, and probed.
+    assert first[packed(DIRECT)] == Link(next_hop=packed(DIRECT), reason="neighbour missing")
+    assert first[packed(GATEWAYED)].next_hop == packed("fd00:2::2")
+    assert not first[packed(GATEWAYED)].resolved
+
+    links = resolve_until(lab, [DIRECT, GATEWAYED, SMALL_MTU], [DIRECT, GATEWAYED, SMALL_MTU])
+    f0, f1 = ip_link(lab.fwd, "f0"), ip_link(lab.fwd, "f1")
+    assert links[packed(DIRECT)] == Link(
+        ifindex=int(str(f0["ifindex"])),
+        ifname="f0",
+        src_mac=mac(lab.fwd, "f0"),
+        dst_mac=mac(lab.be1, "b0"),
+        mtu=1500,
+        next_hop=packed(DIRECT),
+    )
+    # Behind the router: the router's MAC, on the router's link.
+    assert links[packed(GATEWAYED)] == Link(
+        ifindex=int(str(f1["ifindex"])),
+        ifname="f1",
+        src_mac=mac(lab.fwd, "f1"),
+        dst_mac=mac(lab.rtr, "r0"),
+        mtu=1500,
+        next_hop=packed("fd00:2::2"),
+    )
+    small = links[packed(SMALL_MTU)]
+    assert (small.dst_mac, small.mtu) == (mac(lab.rtr, "r0"), 1400)
+
+
+def test_unresolvable_backends_say_why(lab: Lab) -> None:
+    links = resolve_until(lab, [NO_ROUTE, LOCAL, NOBODY, DIRECT], [DIRECT])
+    assert links[packed(NO_ROUTE)].reason == "no route: Network is unreachable"
+    assert links[packed(LOCAL)].reason == "address is local to this host"
+    nobody = links[packed(NOBODY)]
+    assert not nobody.resolved
+    assert nobody.reason in ("neighbour INCOMPLETE", "neighbour FAILED")
+    assert (nobody.ifindex, nobody.src_mac, nobody.dst_mac, nobody.mtu) == (0, b"", b"", 0)
+    assert links[packed(DIRECT)].resolved
+    with pytest.raises(UsageError):
+        resolve_links_sync(["192.0.2.1"])
+
+
+def test_async_resolution_matches_sync(lab: Lab) -> None:
+    resolve_until(lab, [DIRECT, GATEWAYED], [DIRECT, GATEWAYED])
+    with inside(lab.fwd):
+        sync = resolve_links_sync([DIRECT, GATEWAYED, NO_ROUTE], probe=False)
+        asynchronous = asyncio.run(resolve_links([DIRECT, GATEWAYED, NO_ROUTE], probe=False))
+    assert asynchronous == sync
+    assert asynchronous[packed(DIRECT)].resolved
+
+
+def test_cache_reports_changes_only(lab: Lab) -> None:
+    addresses = [ipaddress.IPv6Address(DIRECT), ipaddress.IPv6Address(GATEWAYED)]
+    cache = NeighbourCache(addresses, refresh_s=0.2, retry_s=0.05)
+    seen: list[dict[bytes, Link]] = []
+
+    async def watch(until: bytes) -> None:
+        """Run the cache until `until`'s MAC shows up in a change set."""
+
+        def on_change(changed: dict[bytes, Link]) -> None:
+            seen.append(changed)
+            if any(link.dst_mac == until for link in changed.values()):
+                task.cancel()
+
+        task = asyncio.ensure_future(cache.run(on_change))
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5.0)
+
+    with inside(lab.fwd):
+        asyncio.run(watch(until=mac(lab.be1, "b0")))
+        # The first refresh reports every backend; later ones only what changed.
+        assert set(seen[0]) == {packed(DIRECT), packed(GATEWAYED)}
+        assert cache.link(DIRECT) == resolve_links_sync([DIRECT], probe=False)[packed(DIRECT)]
+        deadline = time.monotonic() + 5.0
+        while not all(link.resolved for link in cache.links().values()):
+            assert time.monotonic() < deadline, cache.links()
+            cache.refresh_sync()
+            time.sleep(0.05)
+        assert cache.refresh_sync() == {}
+        assert cache.next_refresh_s() == 0.2
+
+        # The backend's NIC is replaced: the forwarder forgets the entry (flush), re-learns it.
+        new_mac = bytes.fromhex("02aabbccdd01")
+        ip("-n", lab.be1, "link", "set", "b0", "address", new_mac.hex(":"))
+        ip("-n", lab.fwd, "-6", "neigh", "flush", "dev", "f0")
+        seen.clear()
+        asyncio.run(watch(until=new_mac))
+        # First the entry is gone (unresolved), then the new MAC; the other backend never moved.
+        assert set(seen[0]) == {packed(DIRECT)}
+        assert not seen[0][packed(DIRECT)].resolved or seen[0][packed(DIRECT)].dst_mac == new_mac
+        assert cache.link(DIRECT).dst_mac == new_mac  # type: ignore[union-attr]
+        assert all(packed(GATEWAYED) not in changed for changed in seen)
+
+        cache.set_addresses([GATEWAYED])
+        assert cache.addresses == [packed(GATEWAYED)]
+        assert cache.link(DIRECT) is None
+
+
+def test_interface_info_matches_ip_link(lab: Lab) -> None:
+    ip("-n", lab.fwd, "link", "set", "f1", "mtu", "9000")
+    with inside(lab.fwd):
+        for ifname in ("f0", "f1"):
+            info = ip_link(lab.fwd, ifname)
+            assert interface_info(ifname) == (info["ifindex"], mac(lab.fwd, ifname), info["mtu"])
+        with pytest.raises(OSError):
+            interface_info("nosuch0")
+
+
+def test_disable_offloads(lab: Lab) -> None:
+    with inside(lab.fwd):
+        ip("-n", lab.fwd, "link", "set", "f0", "up")
+        subprocess.run(["ethtool", "-K", "f0", "gro", "on"], check=True, capture_output=True)
+        state = disable_offloads("f0")
+        assert state["generic-receive-offload"] is False
+        assert state["generic-segmentation-offload"] is False
+        assert state["large-receive-offload"] is False  # fixed off on veth: tolerated
+        with pytest.raises(OSError):
+            disable_offloads("nosuch0")
