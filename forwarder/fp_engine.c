@@ -706,6 +706,17 @@ static PyObject *engine_remove_backend(FpEngineObject *self, PyObject *arg) {
     return PyLong_FromLongLong(dropped);
 }
 
+static PyObject *engine_backend_link(FpEngineObject *self, PyObject *arg) {
+    long long id;
+    if (check_ready(self) < 0 || int_arg(arg, "backend_id", 0, FP_MAX_BACKENDS - 1, &id) < 0)
+        return NULL;
+    const fp_backend *b = self->e.backends[id];
+    if (b == NULL || !b->has_link)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(iy#y#I)", b->ifindex, (const char *)b->src_mac, (Py_ssize_t)6,
+                         (const char *)b->dst_mac, (Py_ssize_t)6, b->mtu);
+}
+
 static PyObject *engine_set_maglev(FpEngineObject *self, PyObject *args) {
     PyObject *id_o, *table_o;
     if (!PyArg_ParseTuple(args, "OO:set_maglev", &id_o, &table_o))
@@ -1010,6 +1021,8 @@ static PyMethodDef engine_methods[] = {
      "set_backend(backend_id, ip, *, dst_mac=b'', src_mac=b'', ifindex=0, mtu=0)."},
     {"remove_backend", (PyCFunction)engine_remove_backend, METH_O,
      "remove_backend(backend_id) -> int: forget the backend, drop the flows pinned to it."},
+    {"backend_link", (PyCFunction)engine_backend_link, METH_O,
+     "backend_link(backend_id) -> (ifindex, src_mac, dst_mac, mtu) or None (no link info)."},
     {"set_maglev", (PyCFunction)engine_set_maglev, METH_VARARGS,
      "set_maglev(vip_id, table): array('H') bytes of backend ids; b'' = no backend."},
     {"maglev_pick", (PyCFunction)engine_maglev_pick, METH_VARARGS,
