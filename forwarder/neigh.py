@@ -409,18 +409,17 @@ def resolve_links_sync(
     kernel is asked to resolve (or re-confirm) their next hop, for a later call to find.
     Raises `OSError` if rtnetlink fails as a whole (the per-address errors are reasons).
     """
-    wanted = _unique(addresses)
+    steps = _resolve_steps(_unique(addresses), probe)
     netlink = _Netlink(blocking=True)
     try:
-        steps = _resolve_steps(wanted, probe)
-        requests = next(steps)
+        replies: list[_Reply] | None = None
         while True:
-            replies = netlink.exchange(requests)
             try:
-                requests = steps.send(replies)
+                requests = next(steps) if replies is None else steps.send(replies)
             except StopIteration as finished:
                 result: dict[bytes, Link] = finished.value
                 return result
+            replies = netlink.exchange(requests)
     finally:
         netlink.close()
 
@@ -429,18 +428,17 @@ async def resolve_links(
     addresses: Iterable[AddressLike], *, probe: bool = True
 ) -> dict[bytes, Link]:
     """`resolve_links_sync` on the event loop: the same answers, never blocking the loop."""
-    wanted = _unique(addresses)
+    steps = _resolve_steps(_unique(addresses), probe)
     netlink = _Netlink(blocking=False)
     try:
-        steps = _resolve_steps(wanted, probe)
-        requests = next(steps)
+        replies: list[_Reply] | None = None
         while True:
-            replies = await netlink.exchange_async(requests)
             try:
-                requests = steps.send(replies)
+                requests = next(steps) if replies is None else steps.send(replies)
             except StopIteration as finished:
                 result: dict[bytes, Link] = finished.value
                 return result
+            replies = await netlink.exchange_async(requests)
     finally:
         netlink.close()
 

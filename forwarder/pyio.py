@@ -132,8 +132,11 @@ class PyPacketRing:
         self._rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         try:
             self._setup_rx(fanout_group, block_size * block_count, bpf)
+            # Sockets belong to the network namespace of the thread creating them: make the
+            # REPLY one now (other egress interfaces get theirs on first use).
+            self._tx_socket(self.ifindex)
         except BaseException:
-            self._rx.close()
+            self.close()
             raise
 
     def _setup_rx(self, fanout_group: int, rcvbuf: int, bpf: bytes) -> None:
