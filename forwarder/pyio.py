@@ -23,6 +23,7 @@ What the C ring mirrors (see DATAPATH.md, "I/O"):
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import struct
 from collections.abc import Iterable, Sequence
@@ -40,6 +41,7 @@ REPLY = -1
 # linux/if_packet.h, linux/if_ether.h
 SOL_PACKET = 263
 PACKET_AUXDATA = 8
+PACKET_STATISTICS = 6
 PACKET_FANOUT = 18
 PACKET_IGNORE_OUTGOING = 23
 PACKET_FANOUT_HASH = 0
@@ -57,6 +59,7 @@ _ETH_P_IPV6 = b"\x86\xdd"
 # tp_vlan_tpid;}
 _AUXDATA = struct.Struct("=IIIHHHH")
 _ANC_SIZE = socket.CMSG_SPACE(_AUXDATA.size)
+_TPACKET_STATS = struct.Struct("=II")  # struct tpacket_stats {u32 tp_packets, tp_drops;}
 #: Largest frame taken whole; a longer one (GRO left on, see `neigh.disable_offloads`) is counted
 #: in `rx_truncated` and dropped.
 MAX_FRAME = 65536
@@ -79,16 +82,17 @@ class Engine(Protocol[_R_co]):
     ) -> _R_co: ...
 
 
-_Link = tuple[int, bytes, bytes]
+_Link = tuple[int, bytes, bytes, int]  # ifindex, src_mac, dst_mac, mtu (0: none)
 
 
 class PyPacketRing:
     """Receive frames of one interface, run them through an engine, send what it returns.
 
     Egress link info of a backend comes from `engine.backend_link(backend_id)` when the engine
-    offers it (returning `None`, an `(ifindex, src_mac, dst_mac, ...)` tuple or an object with
-    those attributes), else from this ring's own map kept by `set_link`/`clear_link`. A backend
-    with neither is counted in `tx_no_route` (DROP_NO_ROUTE).
+    offers it (as the C engine does: `None` or `(ifindex, src_mac, dst_mac, mtu)`; an object
+    with those attributes also works), else from this ring's own map kept by `set_link` and
+    `clear_link`. A backend with neither is counted in `tx_no_route` (DROP_NO_ROUTE), a packet
+    longer than the link's MTU in `tx_too_big`.
     """
 
     def __init__(
@@ -100,9 +104,11 @@ class PyPacketRing:
         block_count: int = 64,
         frame_size: int = 2048,
         bpf: bytes = b"",
+        block_timeout_ms: int = 1,
     ) -> None:
-        # frame_size sizes the C ring's slots; here every frame gets a MAX_FRAME buffer.
-        del frame_size
+        # The C ring's slot size and block retire timeout; here every frame gets a MAX_FRAME
+        # buffer and is readable as soon as it is queued.
+        del frame_size, block_timeout_ms
         if not 0 <= fanout_group <= 0xFFFF:
             raise UsageError(f"fanout_group must be 0..65535, got {fanout_group}")
         if block_size <= 0 or block_count <= 0:
@@ -116,16 +122,22 @@ class PyPacketRing:
         self._buf = bytearray(MAX_FRAME)
         self._view = memoryview(self._buf)
         self._pending_error: OSError | None = None
+        # The C ring's counter names; rx_blocks stays 0 (no ring blocks here).
         self._counters = dict.fromkeys(
             (
                 "rx_frames",
-                "rx_outgoing",
+                "rx_blocks",
                 "rx_truncated",
+                "rx_outgoing",
                 "rx_csum_not_ready",
                 "rx_vlan_restored",
+                "rx_kernel_packets",
+                "rx_kernel_drops",
                 "tx_frames",
+                "tx_bytes",
                 "tx_errors",
                 "tx_no_route",
+                "tx_too_big",
             ),
             0,
         )
@@ -162,11 +174,13 @@ class PyPacketRing:
 
     # ---- link info --------------------------------------------------------------------------
 
-    def set_link(self, backend_id: int, ifindex: int, src_mac: bytes, dst_mac: bytes) -> None:
-        """Egress of `backend_id` for engines without `backend_link`."""
-        if len(src_mac) != 6 or len(dst_mac) != 6 or ifindex <= 0:
-            raise UsageError("link needs ifindex > 0 and 6-byte MACs")
-        self._links[backend_id] = (ifindex, bytes(src_mac), bytes(dst_mac))
+    def set_link(
+        self, backend_id: int, ifindex: int, src_mac: bytes, dst_mac: bytes, mtu: int = 0
+    ) -> None:
+        """Egress of `backend_id` for engines without `backend_link` (mtu 0: no limit)."""
+        if len(src_mac) != 6 or len(dst_mac) != 6 or ifindex <= 0 or mtu < 0:
+            raise UsageError("link needs ifindex > 0, 6-byte MACs and mtu >= 0")
+        self._links[backend_id] = (ifindex, bytes(src_mac), bytes(dst_mac), mtu)
 
     def clear_link(self, backend_id: int) -> None:
         self._links.pop(backend_id, None)
@@ -179,9 +193,9 @@ class PyPacketRing:
         if got is None:
             return None
         if hasattr(got, "dst_mac"):
-            link: _Link = (got.ifindex, got.src_mac, got.dst_mac)
+            link: _Link = (got.ifindex, got.src_mac, got.dst_mac, got.mtu)
         else:
-            link = (got[0], got[1], got[2])
+            link = (got[0], got[1], got[2], got[3] if len(got) > 3 else 0)
         return link if link[0] > 0 and len(link[1]) == 6 and len(link[2]) == 6 else None
 
     # ---- receive, process, send -------------------------------------------------------------
@@ -233,11 +247,14 @@ class PyPacketRing:
         counters["rx_frames"] += len(frames)
         return frames, statuses
 
-    def run(self, engine: Engine[_R], now_ms: int, max_frames: int) -> _R:
+    def run(self, engine: Engine[_R], now_ms: int, max_frames: int, timeout_ms: int = 0) -> _R:
         """Receive up to `max_frames` frames, process them in one batch, send the output.
 
+        With `timeout_ms` > 0, first waits that long at most for a frame (0: never waits).
         Returns the engine's result with `tx` emptied (its items have been sent).
         """
+        if timeout_ms > 0:
+            select.select([self._rx], [], [], timeout_ms / 1000)
         frames, statuses = self.receive(max_frames)
         result = engine.process(frames, now_ms, statuses)
         self._engine = engine
@@ -261,7 +278,10 @@ class PyPacketRing:
                 if link is None:
                     counters["tx_no_route"] += 1
                     continue
-                ifindex, src_mac, dst_mac = link
+                ifindex, src_mac, dst_mac, mtu = link
+                if mtu and len(packet) > mtu:
+                    counters["tx_too_big"] += 1
+                    continue
                 frame = b"".join((dst_mac, src_mac, _ETH_P_IPV6, packet))
             try:
                 self._tx_socket(ifindex).send(frame, socket.MSG_DONTWAIT)
@@ -271,6 +291,7 @@ class PyPacketRing:
                     self._drop_tx_socket(ifindex)
                 continue
             sent += 1
+            counters["tx_bytes"] += len(frame)
         counters["tx_frames"] += sent
         return sent
 
@@ -296,8 +317,19 @@ class PyPacketRing:
     # ---- state ------------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
-        """rx_frames, rx_outgoing, rx_truncated, rx_csum_not_ready, rx_vlan_restored, tx_*."""
+        """The C ring's rx_*/tx_* counters; rx_kernel_* from PACKET_STATISTICS (socket drops)."""
+        if not self.closed:
+            packets, drops = _TPACKET_STATS.unpack(
+                self._rx.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS.size)
+            )
+            # The kernel resets its statistics on every read: accumulate.
+            self._counters["rx_kernel_packets"] += packets
+            self._counters["rx_kernel_drops"] += drops
         return dict(self._counters)
+
+    @property
+    def closed(self) -> bool:
+        return self._rx.fileno() < 0
 
     def close(self) -> None:
         """Close every socket; safe to call twice."""

@@ -145,11 +145,12 @@ class StandInEngine:
 class LinkedEngine(StandInEngine):
     """An engine that keeps backend link info itself, as the C engine does."""
 
-    def __init__(self, links: dict[int, tuple[int, bytes, bytes]], **kw: object) -> None:
+    def __init__(self, links: dict[int, tuple[int, bytes, bytes, int]], **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         self.links = links
 
-    def backend_link(self, backend_id: int) -> tuple[int, bytes, bytes] | None:
+    def backend_link(self, backend_id: int) -> tuple[int, bytes, bytes, int] | None:
+        """(ifindex, src_mac, dst_mac, mtu), like the C engine's."""
         return self.links.get(backend_id)
 
 
@@ -210,8 +211,27 @@ def test_frames_from_the_peer_arrive_whole_with_vlan_tags_restored(lab: Lab) -> 
         sender.close()
         # The kernel moved the outer tags into metadata; the ring put them back byte for byte.
         assert engine.frames == sent
-        assert ring.counters()["rx_vlan_restored"] == 3
-        assert ring.counters()["rx_frames"] == len(sent)
+        counters = ring.counters()
+        assert counters["rx_vlan_restored"] == 3
+        assert counters["rx_frames"] == len(sent)
+        assert counters["rx_kernel_packets"] >= len(sent)
+        assert counters["rx_kernel_drops"] == 0
+        # The same counters as the C PacketRing.
+        assert set(counters) == {
+            "rx_frames",
+            "rx_blocks",
+            "rx_truncated",
+            "rx_outgoing",
+            "rx_csum_not_ready",
+            "rx_vlan_restored",
+            "rx_kernel_packets",
+            "rx_kernel_drops",
+            "tx_frames",
+            "tx_bytes",
+            "tx_errors",
+            "tx_no_route",
+            "tx_too_big",
+        }
         assert not any(s & TP_STATUS_CSUMNOTREADY for s in engine.statuses)
 
 
@@ -301,11 +321,18 @@ def test_tx_frames_arrive_with_the_right_ethernet_header(lab: Lab) -> None:
         assert ring.counters()["rx_outgoing"] == 0
 
         # An engine that keeps link info is asked first; `send` reuses the last engine.
-        linked = LinkedEngine({8: (va, lab.va_mac, lab.vb_mac)})
+        linked = LinkedEngine({8: (va, lab.va_mac, lab.vb_mac, 1500)})
         ring.run(linked, 0, 16)
         assert ring.send([(8, outer.replace(b"to-backend", b"via-engine"))]) == 1
         assert received(capture, b"via-engine")[:14] == lab.vb_mac + lab.va_mac + b"\x86\xdd"
         assert ring.send([(7, outer)]) == 0  # the engine knows no backend 7
+        assert ring.counters()["tx_no_route"] == 2
+
+        # A packet longer than the link's MTU is not sent.
+        ring.set_link(9, va, lab.va_mac, lab.vb_mac, mtu=len(outer) - 1)
+        assert ring.send([(9, outer)], StandInEngine()) == 0
+        assert ring.counters()["tx_too_big"] == 1
+        assert ring.counters()["tx_bytes"] == 2 * (14 + len(outer)) + len(reply)
     capture.close()
 
 
@@ -337,6 +364,11 @@ def test_bad_arguments(lab: Lab) -> None:
     with inside(lab.cap):
         with pytest.raises(UsageError):
             PyPacketRing("va", fanout_group=70000)
+        with PyPacketRing("va", bpf=vip_filter([VIP4])) as quiet:
+            started = time.monotonic()
+            assert quiet.run(StandInEngine(), 0, 8, timeout_ms=50).verdicts == b""
+            assert time.monotonic() - started >= 0.04
+        assert quiet.closed
         with pytest.raises(OSError):
             PyPacketRing("no-such-if0")
         with PyPacketRing("va") as ring, pytest.raises(UsageError):
