@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
+import subprocess
 import sys
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from forwarder.config import ForwarderConfig
+
+log = logging.getLogger("flowstate.forwarder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,6 +24,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
     p.add_argument("--check-config", metavar="FILE", help="validate a config file and exit")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (flow events are logged at debug; never per packet)",
+    )
+    p.add_argument(
+        "--keep-offloads",
+        action="store_true",
+        help="do not turn GRO/LRO/GSO/TSO off on the receive interfaces",
+    )
+    # Internal: how the supervisor starts its worker processes.
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--fanout-group", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
 
@@ -30,15 +55,87 @@ def check_config(path: str) -> int:
     return 0
 
 
+def run_worker(config: ForwarderConfig, fanout_group: int) -> int:
+    """Run one worker in this process until SIGINT/SIGTERM."""
+    import asyncio
+
+    import uvloop
+
+    from forwarder.service import serve
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        asyncio.run(serve(config, fanout_group=fanout_group))
+    except OSError as exc:
+        print(f"flowstate-forwarder: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def supervise(args: argparse.Namespace, config: ForwarderConfig) -> int:
+    """Start `workers` processes sharing each interface through PACKET_FANOUT; restart crashed
+    ones; stop them all on SIGINT/SIGTERM."""
+    group = (os.getpid() & 0x7FFF) or 1
+    cmd = [sys.executable, "-m", "forwarder.daemon", "--config", args.config]
+    cmd += ["--log-level", args.log_level, "--fanout-group", str(group), "--keep-offloads"]
+    children: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def stop(_sig: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children.values():
+            if child.poll() is None:
+                child.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for i in range(config.workers):
+        children[i] = subprocess.Popen([*cmd, "--worker", str(i)])
+    while not stopping:
+        time.sleep(0.2)
+        for i, child in list(children.items()):
+            code = child.poll()
+            if code is not None and not stopping:
+                log.error("worker %d exited with %s; restarting it", i, code)
+                children[i] = subprocess.Popen([*cmd, "--worker", str(i)])
+    for child in children.values():
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.check_config:
         return check_config(args.check_config)
-    if not args.config and not args.check_config:
+    if not args.config:
         build_parser().print_usage(sys.stderr)
         return 2
-    print("flowstate-forwarder: the data path is not built yet", file=sys.stderr)
-    return 2
+    from flowstate.errors import ConfigError
+    from forwarder.config import load_config
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"flowstate-forwarder: config error: {exc.field}: {exc.reason}", file=sys.stderr)
+        return 1
+    if args.worker is None and not args.keep_offloads:
+        from forwarder.neigh import disable_offloads
+
+        for ifname in config.interfaces:
+            disable_offloads(ifname)
+    if args.worker is None and config.workers > 1:
+        return supervise(args, config)
+    return run_worker(config, args.fanout_group)
 
 
 if __name__ == "__main__":

@@ -274,6 +274,17 @@ class Engine:
         self._backends[backend_id] = ip
         self._links[backend_id] = (dst_mac, src_mac, ifindex, mtu)
 
+    def backend_link(self, backend_id: int) -> tuple[int, bytes, bytes, int] | None:
+        """TX link of a backend as `(ifindex, src_mac, dst_mac, mtu)`, None if unresolved/unknown.
+
+        Same answer as the C engine's, for the Python packet ring.
+        """
+        link = self._links.get(backend_id)
+        if link is None or not link[2] or not link[0]:
+            return None
+        dst_mac, src_mac, ifindex, mtu = link
+        return ifindex, src_mac, dst_mac, mtu
+
     def remove_backend(self, backend_id: int) -> int:
         """Forget a backend; drop the flows pinned to it and return how many."""
         _check_range("backend_id", backend_id, 0, _MAX_BACKEND_ID)
