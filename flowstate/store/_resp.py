@@ -31,6 +31,10 @@ def pack_command(*args: bytes | str | int) -> bytes:
 HiredisReplyError: type[Exception] = hiredis.ReplyError
 
 
+#: Bytes fed to the hiredis reader at a time (see `RespConnection.data_received`).
+_FEED_CHUNK = 4096
+
+
 class _Pending:
     __slots__ = ("fut", "n", "replies")
 
@@ -51,6 +55,8 @@ class RespConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self.alive = False
         self._lost: asyncio.Future[None] = loop.create_future()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -59,29 +65,42 @@ class RespConnection(asyncio.Protocol):
         self.alive = True
 
     def data_received(self, data: bytes) -> None:
-        reader = self._reader
-        reader.feed(data)
-        waiting = self._waiting
-        gets = reader.gets
+        # Fed in slices: hiredis compacts its buffer (memmove of all unread bytes) each time
+        # 1 KiB of it has been parsed, so one large feed costs O(n^2) with many replies in
+        # flight (measured: 3-4x slower lookups with six 512-item batches pipelined).
+        feed = self._reader.feed
+        size = len(data)
         try:
-            while waiting:
-                p = waiting[0]
-                replies = p.replies
-                missing = p.n - len(replies)
-                append = replies.append
-                while missing:
-                    r = gets()
-                    if r is False:
-                        return
-                    append(r)
-                    missing -= 1
-                waiting.popleft()
-                if not p.fut.done():
-                    p.fut.set_result(replies)
-            if gets() is not False:
-                self.abort(f"{self.name}: reply nobody asked for")
+            if size <= _FEED_CHUNK:
+                feed(data)
+                self._drain()
+            else:
+                for offset in range(0, size, _FEED_CHUNK):
+                    feed(data, offset, min(_FEED_CHUNK, size - offset))
+                    self._drain()
         except hiredis.ProtocolError as exc:
             self.abort(f"{self.name}: protocol error: {exc}")
+
+    def _drain(self) -> None:
+        """Hand every complete reply to its waiter, in order."""
+        waiting = self._waiting
+        gets = self._reader.gets
+        while waiting:
+            p = waiting[0]
+            replies = p.replies
+            missing = p.n - len(replies)
+            append = replies.append
+            while missing:
+                r = gets()
+                if r is False:
+                    return
+                append(r)
+                missing -= 1
+            waiting.popleft()
+            if not p.fut.done():
+                p.fut.set_result(replies)
+        if self.alive and gets() is not False:
+            self.abort(f"{self.name}: reply nobody asked for")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail_all(f"{self.name}: connection lost" + (f": {exc}" if exc else ""))
@@ -91,14 +110,31 @@ class RespConnection(asyncio.Protocol):
     # -- API -------------------------------------------------------------------------------
 
     def send(self, payload: bytes, n: int) -> asyncio.Future[list[Any]]:
-        """Write `n` packed commands; the future gets their `n` replies, in order."""
+        """Queue `n` packed commands; the future gets their `n` replies, in order.
+
+        Writes are coalesced: everything sent during one event-loop step goes out in one
+        `write` at the end of the step (many concurrent small batches → one syscall).
+        """
         fut: asyncio.Future[list[Any]] = self.loop.create_future()
-        if not self.alive or self._transport is None:
+        if not self.alive:
             fut.set_exception(ConnectionError(f"{self.name}: connection closed"))
             return fut
         self._waiting.append(_Pending(fut, n))
-        self._transport.write(payload)
+        self._out.append(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
         return fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        if self.alive and self._transport is not None:
+            self._transport.write(data)
 
     @property
     def in_flight(self) -> int:
