@@ -4,13 +4,15 @@ leaks, argument checks, and differential runs against the Python reference engin
 The same tests (and the golden table) also run against the AddressSanitizer/UBSan build:
 
     FLOWSTATE_ASAN=1 python setup.py build_ext --inplace --force
-    LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+    PYTHONMALLOC=malloc LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
         FLOWSTATE_REQUIRE_C=1 python -m pytest -p no:cacheprovider \
-        tests/unit/test_fastpath_c.py tests/unit/test_golden.py
+        tests/unit/test_fastpath_c.py tests/unit/test_golden.py tests/fuzz
     python setup.py build_ext --inplace --force   # back to the optimised build
 
-(`detect_leaks=0`: CPython itself does not free everything at exit; leaks of the extension are
-checked here with tracemalloc instead.)
+(Do it in a copy of the tree when others share it: the in-place ASan module does not import
+without the LD_PRELOAD. `PYTHONMALLOC=malloc` gives every bytes object its own heap block, so
+ASan sees a read past a frame's end; `detect_leaks=0`: CPython itself does not free everything at
+exit, leaks of the extension are checked here with tracemalloc instead.)
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ SINGLE = [c for c in CASES if c.single]
 DIFF = settings(
     max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
+
+
+#: RSS bounds mean nothing under AddressSanitizer (shadow memory, quarantine).
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
 
 
 def rss_bytes() -> int:
@@ -145,7 +151,8 @@ def test_largest_table_is_reserved_not_touched() -> None:
     assert engine.capacity == _fastpath.MAX_CAPACITY
     assert engine.counters()["capacity"] == _fastpath.MAX_CAPACITY
     # 1 GiB of slots is mapped once; pages are only faulted in as flows land in them.
-    assert rss_bytes() - before < 64 << 20
+    if not UNDER_ASAN:
+        assert rss_bytes() - before < 64 << 20
     del engine
 
 
@@ -163,7 +170,8 @@ def test_full_table_evicts_and_never_grows() -> None:
     assert len(engine) == counters["flows"] <= 4096
     assert counters["evicted"] > 0
     assert counters["new"] == 40_000
-    assert rss_bytes() - before < 16 << 20
+    if not UNDER_ASAN:
+        assert rss_bytes() - before < 16 << 20
 
 
 # --- leaks ---------------------------------------------------------------------------------------
