@@ -33,7 +33,6 @@ from forwarder.packet import (
     ipv6,
     pseudo_header_sum,
     tcp,
-    udp,
 )
 from tests.netns import Netns, Topology
 
@@ -98,7 +97,11 @@ class Lab:
         ):
             engine.set_vip(vip_id, vip, port, proto)
             engine.set_maglev(vip_id, array("H", [BID] * 7).tobytes())
-        links = {"dst_mac": self.vb_mac, "src_mac": self.fb_mac, "ifindex": self.fb_index}
+        links: dict[str, Any] = {
+            "dst_mac": self.vb_mac,
+            "src_mac": self.fb_mac,
+            "ifindex": self.fb_index,
+        }
         engine.set_backend(BID, BACKEND, **(links if link else {}))
         return engine
 
