@@ -28,6 +28,7 @@ from flowstate.store._resp import RespConnection, pack_command
 from flowstate.store.base import StoreConfig
 from flowstate.store.redis_cluster import RedisClusterStore
 
+SLACK_S = 0.2
 CONFIG = StoreConfig(lookup_deadline_ms=3000, write_deadline_ms=3000, connect_timeout_ms=3000)
 _rng = random.Random(99)
 
@@ -187,6 +188,132 @@ async def test_resp_connection_lost_fails_waiters() -> None:
     conn.connection_lost(ConnectionResetError("reset"))
     with pytest.raises(ConnectionError, match="reset"):
         await fut
+
+
+class FakeNode:
+    def __init__(self, port: int) -> None:
+        self.host, self.port, self.name = "127.0.0.1", port, f"127.0.0.1:{port}"
+
+
+class FakeRedisPy:
+    """Just what the store uses of redis-py's RedisCluster: slots_cache, initialize, pipeline."""
+
+    def __init__(self, data: dict[bytes, bytes]) -> None:
+        nodes = [FakeNode(1), FakeNode(2), FakeNode(3)]
+        self.nodes_manager = self
+        self.slots_cache = {s: [nodes[s * 3 // CLUSTER_SLOTS]] for s in range(CLUSTER_SLOTS)}
+        self.data = data
+        self.initialized = 0
+        self.piped: list[bytes] = []
+
+    async def initialize(self) -> None:
+        self.initialized += 1
+
+    def pipeline(self, transaction: bool) -> Any:
+        rc = self
+
+        class Pipe:
+            def __init__(self) -> None:
+                self.keys: list[bytes] = []
+
+            def get(self, key: bytes) -> None:
+                self.keys.append(key)
+
+            async def execute(self, raise_on_error: bool) -> list[Any]:
+                rc.piped += self.keys
+                return [rc.data.get(k) for k in self.keys]
+
+        return Pipe()
+
+    async def aclose(self) -> None:
+        pass
+
+
+class ScriptedTransport(FakeTransport):
+    """Answers each GET from `data`, or with the error reply `errors[key]`; never if stalled."""
+
+    def __init__(self, conn: RespConnection, rc: FakeRedisPy, errors: dict[bytes, bytes]) -> None:
+        super().__init__()
+        self.conn, self.rc, self.errors, self.stalled = conn, rc, errors, False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.stalled:
+            return
+        reader = hiredis.Reader()
+        reader.feed(data)
+        out = []
+        while (cmd := reader.gets()) is not False:
+            assert cmd[0] == b"GET"
+            key = cmd[1]
+            if key in self.errors:
+                out.append(b"-" + self.errors[key] + b"\r\n")
+            elif key in self.rc.data:
+                out.append(b"$%d\r\n%b\r\n" % (len(self.rc.data[key]), self.rc.data[key]))
+            else:
+                out.append(b"$-1\r\n")
+        self.conn.loop.call_soon(self.conn.data_received, b"".join(out))
+
+
+async def _scripted_store(
+    data: dict[bytes, bytes], errors: dict[bytes, bytes]
+) -> tuple[RedisClusterStore, FakeRedisPy, list[ScriptedTransport]]:
+    rc = FakeRedisPy(data)
+    store = RedisClusterStore(
+        rc,  # type: ignore[arg-type]
+        password=None,
+        username=None,
+        config=StoreConfig(),
+        ssl_context=None,
+        fast_path=True,
+    )
+    transports = []
+    for node in store._masters:
+        conn = RespConnection(asyncio.get_running_loop(), node.name)
+        tr = ScriptedTransport(conn, rc, errors)
+        conn.connection_made(tr)  # type: ignore[arg-type]
+        node.conn = conn
+        transports.append(tr)
+    return store, rc, transports
+
+
+async def test_redirect_replies_rerun_through_redis_py_and_refresh_the_map() -> None:
+    ts, recs = tuples(400), records(400)
+    keys = keys_of(ts)
+    data = {k: r.encode() for k, r in zip(keys[:300], recs, strict=False)}
+    kinds = [b"MOVED 1 127.0.0.1:2", b"ASK 1 127.0.0.1:2", b"TRYAGAIN x", b"CLUSTERDOWN x"]
+    errors = {keys[i]: kinds[i % 4] for i in range(0, 400, 7)}
+    store, rc, transports = await _scripted_store(data, errors)
+    assert store.masters() == [("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3)]
+    got = await store.lookup_many(ts)
+    assert got == recs[:300] + [None] * 100
+    assert all(len(tr.written) == 1 for tr in transports)  # one write per master
+    assert sorted(rc.piped) == sorted(errors)  # exactly the redirected items, via redis-py
+    assert store.counters["redirected_items"] == len(errors)
+    for kind in ("moved", "ask", "tryagain", "clusterdown"):
+        assert store.counters[kind] > 0
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert rc.initialized == 1  # one refresh of the slot map, however many redirects
+    await store.close()
+
+
+async def test_unexpected_error_reply_and_stall_raise_store_unavailable() -> None:
+    ts = tuples(50)
+    keys = keys_of(ts)
+    store, _, transports = await _scripted_store({}, {keys[3]: b"LOADING Redis is loading"})
+    with pytest.raises(StoreUnavailable, match="LOADING"):
+        await store.lookup_many(ts)
+    assert store.counters["error_replies"] == 1
+    for tr in transports:
+        tr.stalled = True
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="deadline"):
+        await store.lookup_many(ts, deadline_ms=20)
+    assert 0.02 <= time.monotonic() - t0 < 0.02 + SLACK_S
+    assert all(tr.aborted for tr in transports)  # replies in flight: never reused
+    assert store.counters["timeouts"] == 1
+    await store.close()
 
 
 # -- against the cluster ---------------------------------------------------------------------
@@ -395,8 +522,6 @@ async def test_unreachable_seeds_fail_fast() -> None:
 
 
 # -- destructive: keep these last ------------------------------------------------------------
-
-SLACK_S = 0.2
 
 
 async def _timed(coro: Any) -> float:
