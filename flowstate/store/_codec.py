@@ -23,6 +23,8 @@ from flowstate.record import MAX_POP_LEN, RECORD_VERSION, FlowRecord, decode_rec
 
 _HEADER_PACK = struct.Struct("!BBHH").pack
 _SLOT_MASK = CLUSTER_SLOTS - 1
+#: `ord("{")`: `int in bytes` is a memchr, ~6x cheaper than `b"{" in bytes` (~30 vs ~180 ns).
+_LBRACE = 0x7B
 _MAX_MS = (1 << 63) - 1
 
 
@@ -48,7 +50,7 @@ def keys_of(tuples: Sequence[FiveTuple]) -> list[bytes]:
 
 def slot_of(key: bytes) -> int:
     """`key_slot(key)`: plain CRC16 unless the key holds a `{`."""
-    if b"{" in key:
+    if _LBRACE in key:
         return key_slot(key)
     return binascii.crc_hqx(key, 0) & _SLOT_MASK
 
@@ -62,8 +64,9 @@ def group_by_node(keys: Sequence[bytes], slot_node: Sequence[int], n_nodes: int)
     appends = [g.append for g in groups]
     crc = binascii.crc_hqx
     mask = _SLOT_MASK
+    brace = _LBRACE
     for i, k in enumerate(keys):
-        if b"{" in k:
+        if brace in k:
             appends[slot_node[key_slot(k)]](i)
         else:
             appends[slot_node[crc(k, 0) & mask]](i)
@@ -77,6 +80,12 @@ def encode_record(rec: FlowRecord) -> bytes:
     """`rec.encode()` (byte-identical) through one reused msgpack Packer."""
     data: bytes = _packer.pack((rec.version, rec.backend_ip, rec.vip_ip, rec.created_ms, rec.pop))
     return data
+
+
+def encode_records(recs: Sequence[FlowRecord]) -> list[bytes]:
+    """`[encode_record(r) for r in recs]` without a Python call per record."""
+    pack = _packer.pack
+    return [pack((r.version, r.backend_ip, r.vip_ip, r.created_ms, r.pop)) for r in recs]
 
 
 _new = object.__new__

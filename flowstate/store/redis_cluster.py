@@ -29,7 +29,7 @@ import redis.exceptions as rexc
 from flowstate.errors import RecordError, StoreUnavailable, UsageError
 from flowstate.flow import CLUSTER_SLOTS, KEY_PREFIX, FiveTuple
 from flowstate.record import FlowRecord
-from flowstate.store._codec import decode_fast, encode_record, group_by_node, keys_of
+from flowstate.store._codec import decode_fast, encode_records, group_by_node, keys_of
 from flowstate.store._resp import (
     HiredisReplyError,
     RespConnection,
@@ -420,19 +420,18 @@ class RedisClusterStore(FlowStore):
     ) -> list[FlowRecord]:
         deadline_at = self._deadline(deadline_ms, self.config.write_deadline_ms)
         keys = keys_of([t for t, _, _ in items])
-        vals = [encode_record(rec) for _, rec, _ in items]
-        tails: dict[int, bytes] = {}
-        cmds: list[bytes] = []
+        vals = encode_records([rec for _, rec, _ in items])
+        ttls = [ttl for _, _, ttl in items]
+        if set(map(type, ttls)) - {int}:
+            for ttl in ttls:
+                _ms(ttl)  # raises UsageError on the first TTL that is not an int
+        tails = {
+            ttl: b"\r\n$2\r\nNX\r\n$2\r\nPX%b$3\r\nGET\r\n" % _ttl_arg(ttl) for ttl in set(ttls)
+        }
         fmt = _SETNX_FMT
-        for k, v, (_, _, ttl) in zip(keys, vals, items, strict=True):
-            tail = tails.get(ttl)
-            if tail is None:
-                s = _ms(ttl)
-                tail = tails[ttl] = b"\r\n$2\r\nNX\r\n$2\r\nPX\r\n$%d\r\n%b\r\n$3\r\nGET\r\n" % (
-                    len(s),
-                    s,
-                )
-            cmds.append(fmt % (k, len(v), v, tail))
+        cmds = [
+            fmt % (k, len(v), v, tails[ttl]) for k, v, ttl in zip(keys, vals, ttls, strict=True)
+        ]
 
         def build(idxs: list[int]) -> bytes:
             return b"".join([cmds[i] for i in idxs])
