@@ -63,6 +63,8 @@ class CoreConfig:
     """Most flows in one store call."""
     writeback_max: int = 100_000
     """Most pinnings kept for writing back after a store outage; oldest dropped beyond."""
+    write_retry_ms: int = 500
+    """After a failed write batch, how long writes wait before the next attempt."""
 
 
 @dataclass(slots=True)
@@ -106,6 +108,7 @@ class ForwardingCore:
         self._releases: OrderedDict[FlowT, None] = OrderedDict()
         self._tokens = float(config.max_writes_per_s)
         self._tokens_at = 0
+        self._writes_paused_until = 0
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "misses",
@@ -180,19 +183,24 @@ class ForwardingCore:
     def queued_frames(self) -> int:
         return self._queued_frames
 
-    def has_work(self) -> bool:
-        return bool(
-            len(self._queued) > len(self._in_flight)
-            or self._pins
-            or self._writeback
-            or self._touches
-            or self._releases
-        )
+    def has_work(self, now_ms: int, *, writes: bool = True) -> bool:
+        """Whether `take_store_work` would return something now."""
+        if len(self._queued) > len(self._in_flight):
+            return True
+        if not writes or now_ms < self._writes_paused_until:
+            return False
+        self._refill(now_ms)
+        if self._tokens < 1:
+            return False
+        return bool(self._pins or self._writeback or self._touches or self._releases)
 
     # ---- store work ----------------------------------------------------------------------
 
-    def take_store_work(self, now_ms: int, wall_ms: int | None = None) -> StoreWork:
-        """Next round of store calls: lookups of queued flows, and writes under the cap."""
+    def take_store_work(
+        self, now_ms: int, wall_ms: int | None = None, *, writes: bool = True
+    ) -> StoreWork:
+        """Next round of store calls: lookups of queued flows, and (if `writes`, unless paused
+        after a failure) writes under the cap."""
         work = StoreWork()
         limit = self.config.max_batch
         for flow in self._queued:
@@ -202,6 +210,8 @@ class ForwardingCore:
                 work.lookups.append(flow)
                 self._in_flight.add(flow)
         self.counters["lookups"] += len(work.lookups)
+        if not writes or now_ms < self._writes_paused_until:
+            return work
 
         self._refill(now_ms)
         created = int(time.time() * 1000) if wall_ms is None else wall_ms
@@ -299,6 +309,7 @@ class ForwardingCore:
     def on_pins(self, work: StoreWork, stored: Sequence[FlowRecord] | None, now_ms: int) -> None:
         """Adopt records that won the NX race; keep failed pins for write-back."""
         if stored is None:
+            self._writes_paused_until = now_ms + self.config.write_retry_ms
             self.counters["pin_failed"] += len(work.pins)
             for flow, rec, _ttl in work.pins:
                 bid = self._backend_ids.get(rec.backend_ip)

@@ -176,23 +176,21 @@ class Forwarder:
 
     async def _store_loop(self) -> None:
         while not self._stopping.is_set():
-            if not self.core.has_work():
+            store = self.store
+            now = monotonic_ms()
+            if not self.core.has_work(now, writes=store is not None):
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.05):
                         await self._wake.wait()
-            now = monotonic_ms()
-            work = self.core.take_store_work(now)
-            if not work:
                 continue
-            if self.store is None:
-                self._finish_without_store(work, now)
-                continue
-            await self._run_work(self.store, work)
-
-    def _finish_without_store(self, work: StoreWork, now: int) -> None:
-        self._send(self.core.on_lookups(work.lookups, None, now))
-        self.core.on_pins(work, None, now)
+            work = self.core.take_store_work(now, writes=store is not None)
+            if store is None:
+                # Not connected (yet): answer lookups by Maglev at once; writes wait.
+                self._send(self.core.on_lookups(work.lookups, None, now))
+            else:
+                await self._run_work(store, work)
+            await asyncio.sleep(0)  # let the data path in between rounds
 
     async def _run_work(self, store: FlowStore, work: StoreWork) -> None:
         async def lookups() -> None:
@@ -282,6 +280,14 @@ class Forwarder:
     async def run(self) -> None:
         """Forward until `stop()`."""
         loop = asyncio.get_running_loop()
+        if self.store is None and self._store_factory is not None:
+            # One attempt before the first packet, so that a restarted forwarder finds its
+            # flows in the store instead of guessing with Maglev; then retry in the background.
+            try:
+                self.store = await self._store_factory()
+                log.info("store connected")
+            except (StoreUnavailable, FlowstateError, OSError) as exc:
+                log.warning("store unavailable, forwarding on Maglev fallback: %s", exc)
         for ring in self.rings:
             loop.add_reader(ring.fileno(), self._on_readable, ring)
         self._spawn(self._connect_loop())
