@@ -15,7 +15,10 @@
 #include <net/if.h>
 #include <poll.h>
 #include <sys/mman.h>
+#include <fcntl.h>
+#include <sched.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "fp_csum.h"
@@ -29,6 +32,7 @@
 #define FP_SNDBUF (8 << 20)
 #define FP_MAX_RUN (1 << 16)  /* most frames per run()/send() call */
 #define FP_MMSG_CHUNK 1024    /* UIO_MAXIOV: most messages per sendmmsg */
+#define FP_MAX_TX_SOCKS 32    /* egress interfaces one ring transmits on */
 
 typedef struct {
     uint64_t rx_frames, rx_blocks, rx_truncated, rx_outgoing, rx_csum_not_ready,
@@ -39,7 +43,14 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     int fd;   /* receive: AF_PACKET, TPACKET_V3 ring */
-    int txfd; /* transmit: AF_PACKET, protocol 0 (never receives) */
+    /* transmit: one AF_PACKET socket per egress interface, bound with protocol 0 (it never
+     * receives), so messages carry no address for the kernel to copy and check */
+    struct {
+        int ifindex;
+        int fd;
+    } tx[FP_MAX_TX_SOCKS];
+    int n_tx;
+    int netns; /* the namespace the ring was opened in: TX sockets are made there */
     int ifindex;
     int ignores_outgoing;
     int busy;
@@ -58,7 +69,7 @@ typedef struct {
     struct tpacket3_hdr **tp;
     struct mmsghdr *msgs;
     struct iovec *iovs;
-    struct sockaddr_ll *addrs;
+    int *msg_fd;
     uint8_t *hdrs;
     uint32_t *release;
     uint8_t *vlan_buf;
@@ -97,7 +108,7 @@ static int ring_grow(FpRingObject *r, size_t n) {
     GROW(tp, cap);
     GROW(msgs, cap);
     GROW(iovs, 2 * cap);
-    GROW(addrs, cap);
+    GROW(msg_fd, cap);
     GROW(hdrs, cap * FP_OUTER_LEN);
 #undef GROW
     r->cap = cap;
@@ -113,15 +124,18 @@ static void ring_release_resources(FpRingObject *r) {
         close(r->fd);
         r->fd = -1;
     }
-    if (r->txfd >= 0) {
-        close(r->txfd);
-        r->txfd = -1;
+    for (int i = 0; i < r->n_tx; i++)
+        close(r->tx[i].fd);
+    r->n_tx = 0;
+    if (r->netns >= 0) {
+        close(r->netns);
+        r->netns = -1;
     }
     PyMem_RawFree(r->frames);
     PyMem_RawFree(r->tp);
     PyMem_RawFree(r->msgs);
     PyMem_RawFree(r->iovs);
-    PyMem_RawFree(r->addrs);
+    PyMem_RawFree(r->msg_fd);
     PyMem_RawFree(r->hdrs);
     PyMem_RawFree(r->release);
     PyMem_RawFree(r->vlan_buf);
@@ -130,7 +144,7 @@ static void ring_release_resources(FpRingObject *r) {
     r->tp = NULL;
     r->msgs = NULL;
     r->iovs = NULL;
-    r->addrs = NULL;
+    r->msg_fd = NULL;
     r->hdrs = NULL;
     r->release = NULL;
     r->vlan_buf = NULL;
@@ -144,7 +158,8 @@ static PyObject *ring_new(PyTypeObject *type, PyObject *args FP_UNUSED, PyObject
     FpRingObject *r = (FpRingObject *)type->tp_alloc(type, 0);
     if (r != NULL) {
         r->fd = -1;
-        r->txfd = -1;
+        r->n_tx = 0;
+        r->netns = -1;
     }
     return (PyObject *)r;
 }
@@ -182,6 +197,64 @@ static int ring_fail(FpRingObject *r, const char *what) {
         Py_DECREF(msg);
     }
     return -1;
+}
+
+/* A new AF_PACKET socket (protocol 0) in the ring's namespace. The calling thread may have
+ * moved to another namespace since the ring was opened (tests do): then it visits the ring's
+ * namespace for the socket() call only, since an ifindex means nothing elsewhere. */
+static int ring_socket_in_netns(FpRingObject *r) {
+    int here = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (here < 0)
+        return -1;
+    struct stat a, b;
+    int moved = fstat(here, &a) == 0 && fstat(r->netns, &b) == 0 &&
+                (a.st_dev != b.st_dev || a.st_ino != b.st_ino);
+    if (moved && setns(r->netns, CLONE_NEWNET) < 0) {
+        int err = errno;
+        close(here);
+        errno = err;
+        return -1;
+    }
+    int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);
+    int err = errno;
+    if (moved && setns(here, CLONE_NEWNET) < 0) {
+        /* Cannot happen short of a kernel bug; never leave the thread elsewhere silently. */
+        Py_FatalError("forwarder._fastpath: cannot return to the thread's network namespace");
+    }
+    close(here);
+    errno = err;
+    return fd;
+}
+
+/* The TX socket bound to `ifindex`, made on first use; -1 with errno on failure. */
+static int ring_tx_fd(FpRingObject *r, int ifindex) {
+    for (int i = 0; i < r->n_tx; i++) {
+        if (r->tx[i].ifindex == ifindex)
+            return r->tx[i].fd;
+    }
+    if (r->n_tx == FP_MAX_TX_SOCKS) {
+        errno = EMFILE;
+        return -1;
+    }
+    int fd = ring_socket_in_netns(r);
+    if (fd < 0)
+        return -1;
+    struct sockaddr_ll sll = {.sll_family = AF_PACKET, .sll_protocol = 0, .sll_ifindex = ifindex};
+    if (bind(fd, (struct sockaddr *)&sll, sizeof(sll)) < 0) {
+        int err = errno;
+        close(fd);
+        errno = err;
+        return -1;
+    }
+    /* Best effort: skip the qdisc (we batch ourselves) and make room for whole batches. */
+    int one = 1, sndbuf = FP_SNDBUF;
+    (void)setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof(one));
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf)) < 0)
+        (void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+    r->tx[r->n_tx].ifindex = ifindex;
+    r->tx[r->n_tx].fd = fd;
+    r->n_tx++;
+    return fd;
 }
 
 static int ring_init(FpRingObject *r, PyObject *args, PyObject *kwds) {
@@ -230,6 +303,11 @@ static int ring_init(FpRingObject *r, PyObject *args, PyObject *kwds) {
     r->ifindex = (int)if_nametoindex(name);
     if (r->ifindex == 0) {
         rc = ring_fail(r, "if_nametoindex");
+        goto out;
+    }
+    r->netns = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (r->netns < 0) {
+        rc = ring_fail(r, "open(/proc/thread-self/ns/net)");
         goto out;
     }
     /* Protocol 0: nothing is queued before the filter and the ring are in place and bound. */
@@ -310,16 +388,11 @@ static int ring_init(FpRingObject *r, PyObject *args, PyObject *kwds) {
             goto out;
         }
     }
-    r->txfd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);
-    if (r->txfd < 0) {
-        rc = ring_fail(r, "socket(AF_PACKET) for TX");
+    /* The receive interface's TX socket (REPLY frames) now, so that errors show here. */
+    if (ring_tx_fd(r, r->ifindex) < 0) {
+        rc = ring_fail(r, "TX socket");
         goto out;
     }
-    /* Best effort: skip the qdisc (we batch ourselves) and make room for whole batches. */
-    (void)setsockopt(r->txfd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof(one));
-    int sndbuf = FP_SNDBUF;
-    if (setsockopt(r->txfd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf)) < 0)
-        (void)setsockopt(r->txfd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
     rc = 0;
 out:
     if (bpf.obj != NULL)
@@ -442,21 +515,13 @@ typedef struct {
     uint32_t n_replies;
 } ring_sink;
 
-static void ring_msg(FpRingObject *r, uint32_t k, int ifindex, const uint8_t *dst_mac,
-                     uint16_t proto, int n_iov) {
-    struct sockaddr_ll *a = &r->addrs[k];
-    memset(a, 0, sizeof(*a));
-    a->sll_family = AF_PACKET;
-    a->sll_protocol = htons(proto);
-    a->sll_ifindex = ifindex;
-    a->sll_halen = 6;
-    memcpy(a->sll_addr, dst_mac, 6);
+/* Message k goes out of `ifindex` with `n_iov` iovecs (already filled in r->iovs). */
+static void ring_msg(FpRingObject *r, uint32_t k, int ifindex, int n_iov) {
     struct msghdr *m = &r->msgs[k].msg_hdr;
     memset(m, 0, sizeof(*m));
-    m->msg_name = a;
-    m->msg_namelen = sizeof(*a);
     m->msg_iov = &r->iovs[2 * k];
     m->msg_iovlen = (size_t)n_iov;
+    r->msg_fd[k] = ring_tx_fd(r, ifindex); /* -1: counted as a TX error at the flush */
 }
 
 static int ring_sink_reply(fp_sink *sink, fp_engine *E FP_UNUSED, const uint8_t *frame,
@@ -470,7 +535,7 @@ static int ring_sink_reply(fp_sink *sink, fp_engine *E FP_UNUSED, const uint8_t 
     uint32_t k = s->n_msgs++;
     r->iovs[2 * k].iov_base = copy;
     r->iovs[2 * k].iov_len = len;
-    ring_msg(r, k, r->ifindex, copy, fp_be16(copy + 12), 1);
+    ring_msg(r, k, r->ifindex, 1);
     return V_REPLY_TOO_BIG;
 }
 
@@ -505,11 +570,12 @@ static int ring_sink_tx(fp_sink *sink, fp_engine *E, const fp_pkt *p, const fp_b
     r->iovs[2 * k].iov_len = FP_OUTER_LEN;
     r->iovs[2 * k + 1].iov_base = frame + p->l3_off;
     r->iovs[2 * k + 1].iov_len = p->l3_len;
-    ring_msg(r, k, b->ifindex, b->dst_mac, ETH_P_IPV6, 2);
+    ring_msg(r, k, b->ifindex, 2);
     return verdict;
 }
 
-/* sendmmsg every queued message; failures are counted per message, never raised. Called
+/* sendmmsg every queued message, one call per run of messages to the same interface (one
+ * per batch in the common case); failures are counted per message, never raised. Called
  * without the GIL. */
 static void ring_flush_nogil(FpRingObject *r, uint32_t n, uint64_t *sent_out, uint64_t *bytes_out,
                              uint64_t *errors_out) {
@@ -517,14 +583,22 @@ static void ring_flush_nogil(FpRingObject *r, uint32_t n, uint64_t *sent_out, ui
     int waited = 0;
     uint64_t sent = 0, bytes = 0, errors = 0;
     while (off < n) {
-        unsigned chunk = n - off < FP_MMSG_CHUNK ? n - off : FP_MMSG_CHUNK;
-        int rc = sendmmsg(r->txfd, r->msgs + off, chunk, MSG_DONTWAIT);
+        int fd = r->msg_fd[off];
+        if (fd < 0) {
+            errors++;
+            off++;
+            continue;
+        }
+        unsigned chunk = 1;
+        while (off + chunk < n && chunk < FP_MMSG_CHUNK && r->msg_fd[off + chunk] == fd)
+            chunk++;
+        int rc = sendmmsg(fd, r->msgs + off, chunk, MSG_DONTWAIT);
         if (rc < 0) {
             if (errno == EINTR)
                 continue;
             if ((errno == EAGAIN || errno == ENOBUFS) && !waited) {
                 /* Socket buffer full: give the device one short chance per batch. */
-                struct pollfd pfd = {.fd = r->txfd, .events = POLLOUT};
+                struct pollfd pfd = {.fd = fd, .events = POLLOUT};
                 (void)poll(&pfd, 1, 1);
                 waited = 1;
                 continue;
@@ -675,7 +749,7 @@ static PyObject *ring_send(FpRingObject *r, PyObject *args, PyObject *kwds) {
             }
             r->iovs[2 * k].iov_base = data;
             r->iovs[2 * k].iov_len = len;
-            ring_msg(r, k, r->ifindex, data, fp_be16(data + 12), 1);
+            ring_msg(r, k, r->ifindex, 1);
             k++;
             continue;
         }
@@ -699,7 +773,7 @@ static PyObject *ring_send(FpRingObject *r, PyObject *args, PyObject *kwds) {
         r->iovs[2 * k].iov_len = FP_ETH_LEN;
         r->iovs[2 * k + 1].iov_base = data;
         r->iovs[2 * k + 1].iov_len = len;
-        ring_msg(r, k, b->ifindex, b->dst_mac, ETH_P_IPV6, 2);
+        ring_msg(r, k, b->ifindex, 2);
         k++;
     }
     r->busy = 1;
