@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from array import array
@@ -29,8 +30,8 @@ log = logging.getLogger("flowstate.forwarder")
 RX_BATCH = 256
 #: How often idle flows are swept, and how many table slots per sweep.
 EXPIRE_EVERY_S, EXPIRE_BUDGET = 0.1, 4096
-#: How often neighbour entries are re-read.
-NEIGH_EVERY_S = 2.0
+#: Store rounds (each: one lookup batch and write batches) in flight at once.
+MAX_ROUNDS = 4
 #: Delay between reconnect attempts while the store is unreachable.
 STORE_RETRY_S = 1.0
 
@@ -155,6 +156,7 @@ class Forwarder:
         self.plan = plan_engine(config)
         apply_plan(engine, self.core, self.plan, config)
         self._wake = asyncio.Event()
+        self._rounds = asyncio.Semaphore(MAX_ROUNDS)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self.counters: dict[str, int] = {"rx_batches": 0, "store_reconnects": 0}
@@ -170,7 +172,7 @@ class Forwarder:
 
     def _send(self, result: Any) -> None:
         if result is not None and result.tx and self.rings:
-            self.rings[0].send(result.tx)
+            self.rings[0].send(result.tx, self.engine)
 
     # ---- store ---------------------------------------------------------------------------
 
@@ -184,13 +186,27 @@ class Forwarder:
                     async with asyncio.timeout(0.05):
                         await self._wake.wait()
                 continue
-            work = self.core.take_store_work(now, writes=store is not None)
+            if store is not None and self._rounds.locked():
+                await self._rounds.acquire()  # wait for a round in flight to finish
+                self._rounds.release()
+                continue
+            work = self.core.take_store_work(monotonic_ms(), writes=store is not None)
             if store is None:
                 # Not connected (yet): answer lookups by Maglev at once; writes wait.
                 self._send(self.core.on_lookups(work.lookups, None, now))
-            else:
-                await self._run_work(store, work)
-            await asyncio.sleep(0)  # let the data path in between rounds
+                await asyncio.sleep(0)
+                continue
+            # Rounds overlap (a slow write batch never holds up the next tick's lookups),
+            # up to MAX_ROUNDS in flight.
+            await self._rounds.acquire()
+            self._spawn(self._round(store, work))
+            await asyncio.sleep(0)
+
+    async def _round(self, store: FlowStore, work: StoreWork) -> None:
+        try:
+            await self._run_work(store, work)
+        finally:
+            self._rounds.release()
 
     async def _run_work(self, store: FlowStore, work: StoreWork) -> None:
         async def lookups() -> None:
@@ -250,25 +266,41 @@ class Forwarder:
             await asyncio.sleep(EXPIRE_EVERY_S)
             self.engine.expire(monotonic_ms(), EXPIRE_BUDGET)
 
-    async def _neigh_loop(self) -> None:
-        while not self._stopping.is_set() and self._neighbours is not None:
-            try:
-                changed = await self._neighbours.refresh()
-            except (OSError, FlowstateError) as exc:
-                log.warning("neighbour refresh failed: %s", exc)
-                changed = {}
-            for ip, link in changed.items():
-                bid = self.plan.backend_ids.get(ip)
-                if bid is not None:
-                    self.engine.set_backend(
-                        bid,
-                        ip,
-                        dst_mac=link.dst_mac,
-                        src_mac=link.src_mac,
-                        ifindex=link.ifindex,
-                        mtu=link.mtu,
-                    )
-            await asyncio.sleep(NEIGH_EVERY_S)
+    def _on_links(self, changed: dict[bytes, Any]) -> None:
+        """Hand changed next-hop link info (or its loss) to the engine."""
+        for ip, link in changed.items():
+            bid = self.plan.backend_ids.get(ip)
+            if bid is None:
+                continue
+            self.engine.set_backend(
+                bid,
+                ip,
+                dst_mac=link.dst_mac,
+                src_mac=link.src_mac,
+                ifindex=link.ifindex,
+                mtu=link.mtu,
+            )
+            backend = ipaddress.IPv6Address(ip)
+            if link.resolved:
+                hop = ipaddress.ip_address(link.next_hop) if link.next_hop else backend
+                log.info(
+                    "backend %s: next hop %s on %s (%s)",
+                    backend,
+                    hop,
+                    link.ifname,
+                    link.dst_mac.hex(":"),
+                )
+            else:
+                log.warning("backend %s: no next hop yet (%s)", backend, link.reason)
+
+    async def _resolve_links_first(self) -> None:
+        """Resolve next hops before the first packet (a probe is usually answered in ms)."""
+        assert self._neighbours is not None
+        for _ in range(10):
+            self._on_links(await self._neighbours.refresh())
+            if all(link.resolved for link in self._neighbours.links().values()):
+                return
+            await asyncio.sleep(0.1)
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -288,13 +320,15 @@ class Forwarder:
                 log.info("store connected")
             except (StoreUnavailable, FlowstateError, OSError) as exc:
                 log.warning("store unavailable, forwarding on Maglev fallback: %s", exc)
+        if self._neighbours is not None:
+            await self._resolve_links_first()
         for ring in self.rings:
             loop.add_reader(ring.fileno(), self._on_readable, ring)
         self._spawn(self._connect_loop())
         self._spawn(self._store_loop())
         self._spawn(self._expire_loop())
         if self._neighbours is not None:
-            self._spawn(self._neigh_loop())
+            self._spawn(self._neighbours.run(self._on_links))
         try:
             await self._stopping.wait()
         finally:
@@ -305,6 +339,17 @@ class Forwarder:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             if self.store is not None:
                 await self.store.close()
+            log.info("counters at exit: %s", self.all_counters())
+
+    def all_counters(self) -> dict[str, int]:
+        """Engine, slow path and driver counters in one flat dict (engine names first)."""
+        out = dict(self.engine.counters())
+        for ring in self.rings:
+            for name, value in ring.counters().items():
+                out[name] = out.get(name, 0) + value
+        out.update(self.core.counters)
+        out.update(self.counters)
+        return out
 
     def stop(self) -> None:
         self._stopping.set()
