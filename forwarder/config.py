@@ -158,6 +158,12 @@ class StoreConfig:
     """Private key of `tls_cert_file`."""
     lookup_deadline_ms: float = 5.0
     """A lookup slower than this counts as a failure (Maglev fallback if `fallback`)."""
+    lookup_patience_ms: float = 100.0
+    """How long a packet of an unknown flow may wait for the store before Maglev decides.
+
+    A lookup that fails (deadline, store down) is retried while the flow's first packet is
+    younger than this: a late packet costs latency, a wrong fallback after a backend change
+    costs the connection. 0 falls back at the first failure."""
     write_deadline_ms: float = 50.0
     """A pinning write slower than this is abandoned and counted."""
     max_writes_per_s: int = 50000
@@ -434,6 +440,7 @@ def _parse_store(s: _Section, base_dir: Path | None) -> StoreConfig:
             "tls": tls,
             **files,
             "lookup_deadline_ms": s.number("lookup_deadline_ms", 0.0, 10000.0),
+            "lookup_patience_ms": s.number("lookup_patience_ms", 0.0, 10000.0),
             "write_deadline_ms": s.number("write_deadline_ms", 0.0, 60000.0),
             "max_writes_per_s": s.integer("max_writes_per_s", 1, 10_000_000),
             "fallback": s.boolean("fallback"),

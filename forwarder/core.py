@@ -65,6 +65,11 @@ class CoreConfig:
     """Most pinnings kept for writing back after a store outage; oldest dropped beyond."""
     write_retry_ms: int = 500
     """After a failed write batch, how long writes wait before the next attempt."""
+    lookup_patience_ms: int = 100
+    """A failed lookup is retried while the flow's first queued packet is younger than this."""
+    fallback: bool = True
+    """When the store cannot answer in time: Maglev decides (True) or queued packets drop."""
+    """After a failed write batch, how long writes wait before the next attempt."""
 
 
 @dataclass(slots=True)
@@ -101,6 +106,7 @@ class ForwardingCore:
         # Flows waiting for a lookup: flow → queued frames (insertion order = age).
         self._queued: OrderedDict[FlowT, list[bytes]] = OrderedDict()
         self._queued_frames = 0
+        self._first_miss: dict[FlowT, int] = {}
         self._in_flight: set[FlowT] = set()
         self._pins: OrderedDict[FlowT, int] = OrderedDict()  # flow → backend_id (NEW events)
         self._writeback: OrderedDict[FlowT, int] = OrderedDict()  # pins to retry after outage
@@ -117,6 +123,8 @@ class ForwardingCore:
                 "lookup_hits",
                 "lookup_not_found",
                 "lookup_failed",
+                "lookup_retries",
+                "dropped_no_store",
                 "fallbacks",
                 "record_rejected",
                 "pins",
@@ -150,7 +158,7 @@ class ForwardingCore:
 
     # ---- data path input -----------------------------------------------------------------
 
-    def on_result(self, result: Any) -> None:
+    def on_result(self, result: Any, now_ms: int = 0) -> None:
         """Take a processed batch's misses and events."""
         per_flow = self.config.miss_queue_per_flow
         for _vip_id, flow, frame in result.misses:
@@ -162,6 +170,7 @@ class ForwardingCore:
                     continue
                 self._queued[flow] = [frame]
                 self._queued_frames += 1
+                self._first_miss[flow] = now_ms
             elif len(queue) < per_flow and self._queued_frames < self.config.miss_queue_total:
                 queue.append(frame)
                 self._queued_frames += 1
@@ -274,12 +283,22 @@ class ForwardingCore:
         Returns the engine's Result for the re-run frames (its `tx` is what to send).
         """
         frames: list[bytes] = []
+        patience = self.config.lookup_patience_ms
         for i, flow in enumerate(flows):
             self._in_flight.discard(flow)
             backend_id: int | None = None
             rec = records[i] if records is not None else None
             if records is None:
                 self.counters["lookup_failed"] += 1
+                if now_ms - self._first_miss.get(flow, now_ms) < patience:
+                    self.counters["lookup_retries"] += 1
+                    continue  # still queued: the next round asks again
+                if not self.config.fallback:
+                    dropped = self._queued.pop(flow, [])
+                    self._queued_frames -= len(dropped)
+                    self._first_miss.pop(flow, None)
+                    self.counters["dropped_no_store"] += len(dropped)
+                    continue
             elif rec is None:
                 self.counters["lookup_not_found"] += 1
             else:
@@ -293,6 +312,7 @@ class ForwardingCore:
                     self._remember_writeback(flow, backend_id)
             if backend_id >= 0 and self.engine.lookup(flow) is None:
                 self.engine.install(flow, backend_id, now_ms)
+            self._first_miss.pop(flow, None)
             queued = self._queued.pop(flow, None)
             if queued:
                 self._queued_frames -= len(queued)

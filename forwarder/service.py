@@ -117,7 +117,8 @@ async def open_store(config: ForwarderConfig) -> FlowStore:
         password=secret.reveal() if secret else None,
         username=sc.username,
         config=StoreDeadlines(
-            lookup_deadline_ms=sc.lookup_deadline_ms, write_deadline_ms=sc.write_deadline_ms
+            lookup_deadline_ms=sc.lookup_deadline_ms,
+            write_deadline_ms=sc.write_deadline_ms,
         ),
     )
 
@@ -151,6 +152,8 @@ class Forwarder:
                 miss_queue_per_flow=config.flow_table.miss_queue_per_flow,
                 miss_queue_total=config.flow_table.miss_queue_total,
                 max_writes_per_s=config.store.max_writes_per_s,
+                lookup_patience_ms=int(config.store.lookup_patience_ms),
+                fallback=config.store.fallback,
             ),
         )
         self.plan = plan_engine(config)
@@ -167,7 +170,7 @@ class Forwarder:
         result = ring.run(self.engine, monotonic_ms(), RX_BATCH)
         self.counters["rx_batches"] += 1
         if result.misses or result.events:
-            self.core.on_result(result)
+            self.core.on_result(result, monotonic_ms())
             self._wake.set()
 
     def _send(self, result: Any) -> None:
@@ -194,7 +197,7 @@ class Forwarder:
             if store is None:
                 # Not connected (yet): answer lookups by Maglev at once; writes wait.
                 self._send(self.core.on_lookups(work.lookups, None, now))
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.01)  # flows within their patience are asked again
                 continue
             # Rounds overlap (a slow write batch never holds up the next tick's lookups),
             # up to MAX_ROUNDS in flight.

@@ -83,7 +83,7 @@ async def run_store(core: ForwardingCore, store: Any, now: int, *, down: bool = 
 
 def feed(core: ForwardingCore, frames: list[bytes], now: int = NOW) -> Any:
     result = core.engine.process(frames, now)
-    core.on_result(result)
+    core.on_result(result, now)
     return result
 
 
@@ -116,12 +116,16 @@ async def test_syn_is_pinned_and_found_by_another_pop(impl: str) -> None:
 
 async def test_store_down_falls_back_to_maglev_and_writes_back(impl: str) -> None:
     store = MemoryStore()
-    pop = make_pop(impl, "pop1", BACKENDS[:3])
+    pop = make_pop(impl, "pop1", BACKENDS[:3], lookup_patience_ms=50)
     feed(pop, [tcp_frame(40001, P.TCP_ACK)])
-    tx = await run_store(pop, store, NOW, down=True)
+    # Within its patience the packet stays queued and the lookup is asked again...
+    assert await run_store(pop, store, NOW + 10, down=True) == []
+    assert pop.counters["lookup_retries"] == 1 and pop.queued_frames == 1
+    # ...past it, Maglev decides.
+    tx = await run_store(pop, store, NOW + 60, down=True)
     expected = pop.engine.maglev_pick(0, to_tuple(flow(40001)).hash64())
     assert [bid for bid, _ in tx] == [expected]
-    assert pop.counters["lookup_failed"] == 1 and pop.counters["fallbacks"] == 1
+    assert pop.counters["lookup_failed"] == 2 and pop.counters["fallbacks"] == 1
     # The store is back: the fallback choice is written so other POPs agree.
     await run_store(pop, store, NOW + 1000)
     (rec,) = await store.lookup_many([to_tuple(flow(40001))])
@@ -192,3 +196,11 @@ async def test_fin_releases_and_touch_refreshes(impl: str) -> None:
     assert work.releases == [flow(44000)]
     assert work.touches == [] or work.touches == [flow(44000)]
     assert FiveTuple.make(Proto.TCP, CLIENT, 44000, VIP, 80) == to_tuple(flow(44000))
+
+
+async def test_without_fallback_packets_of_unknown_flows_drop(impl: str) -> None:
+    pop = make_pop(impl, "pop1", BACKENDS[:3], lookup_patience_ms=0, fallback=False)
+    feed(pop, [tcp_frame(45000, P.TCP_ACK)] * 3)
+    assert await run_store(pop, MemoryStore(), NOW, down=True) == []
+    assert pop.counters["dropped_no_store"] == 3 and pop.queued_frames == 0
+    assert pop.engine.lookup(flow(45000)) is None
