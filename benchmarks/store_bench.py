@@ -39,19 +39,26 @@ import uvloop
 from flowstate.errors import StoreUnavailable
 from flowstate.flow import FiveTuple, Proto
 from flowstate.record import FlowRecord
-from flowstate.store.base import StoreConfig
+from flowstate.store.base import PinItem, StoreConfig
 from flowstate.store.redis_cluster import RedisClusterStore
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCHES = (1, 64, 512)
-DEFAULT_TASKS = {1: 128, 64: 16, 512: 6}
+DEFAULT_TASKS = {1: 128, 64: 16, 512: 12}
 TTL_MS = 600_000
 CALL_DEADLINE_MS = 1000.0
-CONFIG = StoreConfig(
-    lookup_deadline_ms=CALL_DEADLINE_MS,
-    write_deadline_ms=CALL_DEADLINE_MS,
-    connect_timeout_ms=2000,
-)
+
+
+def store_config(deadline_ms: float) -> StoreConfig:
+    return StoreConfig(
+        lookup_deadline_ms=deadline_ms,
+        write_deadline_ms=deadline_ms,
+        connect_timeout_ms=2000,
+    )
+
+
+#: Share of one core this process used during each measurement (appended by `run_for`).
+_cpu_share: list[float] = []
 _RB_LINE = re.compile(r"\b(SET|GET): ([\d.]+) requests per second")
 
 
@@ -84,6 +91,7 @@ class Measurement:
     batch: int
     tasks: int
     rates: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     errors: int = 0
 
     @property
@@ -118,15 +126,17 @@ async def run_for(
             except StoreUnavailable:
                 errors += 1
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(tasks)))
-    return done / (time.perf_counter() - t0), errors, next_start
+    wall = time.perf_counter() - t0
+    _cpu_share.append((time.process_time() - cpu0) / wall)
+    return done / wall, errors, next_start
 
 
 async def measure_store(
     store: RedisClusterStore,
     ts: list[FiveTuple],
-    recs: list[FlowRecord],
+    items: list[PinItem],
     batches: Sequence[int],
     tasks: dict[int, int],
     seconds: float,
@@ -134,25 +144,23 @@ async def measure_store(
     tag: str = "",
 ) -> None:
     """One round: for each batch size, pin fresh flows, then look those up (cyclically)."""
-    items = [(t, r, TTL_MS) for t, r in zip(ts, recs, strict=True)]
     offset = 0
     for batch in batches:
         n_tasks = tasks[batch]
-        fresh = items[offset:]
 
-        async def pin(a: int, b: int, seg: list[Any] = fresh) -> None:
-            await store.pin_many(seg[a:b])
+        async def pin(a: int, b: int, base: int = offset) -> None:
+            await store.pin_many(items[base + a : base + b])
 
-        rate, errs, used = await run_for(pin, len(fresh), batch, n_tasks, seconds)
+        rate, errs, used = await run_for(pin, len(items) - offset, batch, n_tasks, seconds)
         record(results, f"pin{tag}", batch, n_tasks, rate, errs)
-        pinned = ts[offset : offset + used]
-        offset += used
-        # Whole batches of pinned flows, cycled through as often as the time allows.
-        pinned = pinned[: len(pinned) - len(pinned) % batch]
+        # Whole batches of the flows just pinned, cycled through as often as time allows.
+        n_pinned = used - used % batch
 
-        async def lookup(a: int, b: int, seg: list[FiveTuple] = pinned) -> None:
-            start = a % len(seg)
-            await store.lookup_many(seg[start : start + (b - a)])
+        async def lookup(a: int, b: int, base: int = offset, n: int = n_pinned) -> None:
+            start = base + a % n
+            await store.lookup_many(ts[start : start + (b - a)])
+
+        offset += used
 
         rate, errs, _ = await run_for(lookup, 1 << 62, batch, n_tasks, seconds)
         record(results, f"lookup{tag}", batch, n_tasks, rate, errs)
@@ -168,15 +176,21 @@ def record(
 ) -> None:
     m = results.setdefault((op, batch), Measurement(op, batch, tasks))
     m.rates.append(rate)
+    m.cpu.append(_cpu_share[-1])
     m.errors += errors
 
 
+#: redis-benchmark's default run touches one key per master with 3-byte values; this variant
+#: (random keys among 1e8, 40-byte values, as big as a record) is closer to flowstate's work.
+LIKE_FOR_LIKE = ("-r", "100000000", "-d", "40")
+
+
 def redis_benchmark(
-    seeds: list[tuple[str, int]], password: str | None, requests: int
+    seeds: list[tuple[str, int]], password: str | None, requests: int, extra: Sequence[str] = ()
 ) -> dict[str, float]:
     host, port = seeds[0]
     cmd = ["redis-benchmark", "--cluster", "-h", host, "-p", str(port)]
-    cmd += ["-P", "64", "-c", "50", "-t", "set,get", "-n", str(requests), "-q"]
+    cmd += ["-P", "64", "-c", "50", "-t", "set,get", "-n", str(requests), "-q", *extra]
     if password:
         cmd += ["-a", password]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -211,39 +225,49 @@ async def bench(args: argparse.Namespace, seeds: list[tuple[str, int]]) -> dict[
     for spec in args.tasks or []:
         b, _, n = spec.partition("=")
         tasks[int(b)] = int(n)
-    store = await RedisClusterStore.connect(seeds, password=args.password, config=CONFIG)
+    config = store_config(args.deadline_ms)
+    store = await RedisClusterStore.connect(seeds, password=args.password, config=config)
     reference = await RedisClusterStore.connect(
-        seeds, password=args.password, config=CONFIG, fast_path=False
+        seeds, password=args.password, config=config, fast_path=False
     )
     # Fresh flows for the pin measurements of a round (~1M/s in all; a measurement that
     # runs out stops early, its rate is still items / elapsed time).
     n_flows = int(1_000_000 * args.seconds) + 10_000
     log(f"generating {n_flows:,} flows ...")
     ts, recs = make_flows(n_flows, 1)
+    items: list[PinItem] = [(t, r, TTL_MS) for t, r in zip(ts, recs, strict=True)]
     # Millions of long-lived flows would make every full GC pass walk them all (lookups
     # allocate a record per hit, so collections are frequent): park them out of its way,
     # as a long-running forwarder would with its startup state.
     gc.collect()
     gc.freeze()
     results: dict[tuple[str, int], Measurement] = {}
-    rb: dict[str, list[float]] = {"set": [], "get": []}
+    rb: dict[str, list[float]] = {"set": [], "get": [], "set_rand": [], "get_rand": []}
     try:
         for rnd in range(args.rounds):
             await flush(store)
-            await measure_store(store, ts, recs, BATCHES, tasks, args.seconds, results)
+            await measure_store(store, ts, items, BATCHES, tasks, args.seconds, results)
             if args.reference and rnd == 0:
                 await flush(store)
                 await measure_store(
-                    reference, ts, recs, (512,), tasks, args.seconds, results, tag="(redis-py)"
+                    reference, ts, items, (512,), tasks, args.seconds, results, tag="(redis-py)"
                 )
             await flush(store)
             got = await asyncio.to_thread(redis_benchmark, seeds, args.password, args.requests)
             rb["set"].append(got["set"])
             rb["get"].append(got["get"])
+            await flush(store)
+            rand = await asyncio.to_thread(
+                redis_benchmark, seeds, args.password, args.requests, LIKE_FOR_LIKE
+            )
+            rb["set_rand"].append(rand["set"])
+            rb["get_rand"].append(rand["get"])
             log(
                 f"round {rnd + 1}/{args.rounds}: "
                 + ", ".join(f"{m.op}@{m.batch}={m.rates[-1]:,.0f}/s" for m in results.values())
                 + f", redis-benchmark SET={got['set']:,.0f} GET={got['get']:,.0f}"
+                + f" (with {' '.join(LIKE_FOR_LIKE)}: SET={rand['set']:,.0f}"
+                + f" GET={rand['get']:,.0f})"
             )
         await flush(store)
         counters = dict(store.counters)
@@ -251,6 +275,7 @@ async def bench(args: argparse.Namespace, seeds: list[tuple[str, int]]) -> dict[
         await store.close()
         await reference.close()
     rb_set, rb_get = statistics.median(rb["set"]), statistics.median(rb["get"])
+    rand_set, rand_get = statistics.median(rb["set_rand"]), statistics.median(rb["get_rand"])
     rows = []
     for m in results.values():
         base = rb_set if m.op.startswith("pin") else rb_get
@@ -262,7 +287,11 @@ async def bench(args: argparse.Namespace, seeds: list[tuple[str, int]]) -> dict[
                 "flows_per_s": round(m.median),
                 "all_rounds": [round(r) for r in m.rates],
                 "errors": m.errors,
+                "client_cpu": round(statistics.median(m.cpu), 2),
                 "ratio": round(m.median / base, 3),
+                "ratio_like_for_like": round(
+                    m.median / (rand_set if m.op.startswith("pin") else rand_get), 3
+                ),
             }
         )
     pin512 = results[("pin", 512)].median
@@ -271,17 +300,22 @@ async def bench(args: argparse.Namespace, seeds: list[tuple[str, int]]) -> dict[
         "loop": "uvloop",
         "rounds": args.rounds,
         "seconds": args.seconds,
-        "call_deadline_ms": CALL_DEADLINE_MS,
+        "call_deadline_ms": args.deadline_ms,
         "redis_benchmark": {
             "command": f"redis-benchmark --cluster -P 64 -c 50 -t set,get -n {args.requests} -q",
             "set_ops_per_s": round(rb_set),
             "get_ops_per_s": round(rb_get),
             "set_all_rounds": [round(x) for x in rb["set"]],
             "get_all_rounds": [round(x) for x in rb["get"]],
+            "like_for_like_options": " ".join(LIKE_FOR_LIKE),
+            "like_for_like_set_ops_per_s": round(rand_set),
+            "like_for_like_get_ops_per_s": round(rand_get),
         },
         "results": rows,
         "pin_ratio": round(pin512 / rb_set, 3),
         "lookup_ratio": round(lookup512 / rb_get, 3),
+        "pin_ratio_like_for_like": round(pin512 / rand_set, 3),
+        "lookup_ratio_like_for_like": round(lookup512 / rand_get, 3),
         "store_counters": counters,
     }
 
@@ -289,20 +323,28 @@ async def bench(args: argparse.Namespace, seeds: list[tuple[str, int]]) -> dict[
 def table(report: dict[str, Any]) -> str:
     rb = report["redis_benchmark"]
     lines = [
-        f"{'op':<18}{'batch':>6}{'tasks':>6}{'flows/s':>12}{'vs redis-benchmark':>21}{'ratio':>7}",
+        f"{'op':<18}{'batch':>6}{'tasks':>6}{'flows/s':>12}{'redis-benchmark':>18}{'ratio':>7}"
+        f"{'-r/-d 40 run':>16}{'ratio':>7}{'cpu':>6}",
     ]
     for r in report["results"]:
-        base = rb["set_ops_per_s"] if r["op"].startswith("pin") else rb["get_ops_per_s"]
-        name = "SET" if r["op"].startswith("pin") else "GET"
+        pin = r["op"].startswith("pin")
+        base = rb["set_ops_per_s"] if pin else rb["get_ops_per_s"]
+        rand = rb["like_for_like_set_ops_per_s"] if pin else rb["like_for_like_get_ops_per_s"]
+        name = "SET" if pin else "GET"
         lines.append(
             f"{r['op']:<18}{r['batch']:>6}{r['tasks']:>6}{r['flows_per_s']:>12,}"
-            f"{f'{name} {base:,}':>21}{r['ratio']:>7.3f}"
+            f"{f'{name} {base:,}':>18}{r['ratio']:>7.3f}{f'{name} {rand:,}':>16}"
+            f"{r['ratio_like_for_like']:>7.3f}{r['client_cpu']:>6.2f}"
         )
     lines.append(
         f"medians of {report['rounds']} rounds of {report['seconds']} s, A B A B with "
         f"`{rb['command']}` (SET rounds {rb['set_all_rounds']}, GET rounds {rb['get_all_rounds']})"
     )
-    lines.append(f"pin_ratio={report['pin_ratio']}  lookup_ratio={report['lookup_ratio']}")
+    lines.append(
+        f"pin_ratio={report['pin_ratio']}  lookup_ratio={report['lookup_ratio']}  (like for like"
+        f" with `{rb['like_for_like_options']}`: pin {report['pin_ratio_like_for_like']},"
+        f" lookup {report['lookup_ratio_like_for_like']})"
+    )
     return "\n".join(lines)
 
 
@@ -324,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="A B rounds (default 3)")
     p.add_argument("--requests", type=int, default=2_000_000, help="redis-benchmark -n")
     p.add_argument("--tasks", action="append", metavar="BATCH=N", help="concurrent calls")
+    p.add_argument(
+        "--deadline-ms",
+        type=float,
+        default=CALL_DEADLINE_MS,
+        help="deadline of every store call (default 1000: throughput, not latency)",
+    )
     p.add_argument("--base-port", type=int, default=7500, help="of the cluster started here")
     p.add_argument("--no-reference", dest="reference", action="store_false")
     args = p.parse_args(argv)

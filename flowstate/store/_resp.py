@@ -6,8 +6,10 @@ writes a whole group of commands with one `send(payload, n)` and gets a future o
 replies, parsed by one `hiredis.Reader` per connection. Requests are answered in order
 (FIFO), so any number of callers may pipeline on the same connection concurrently.
 
-A connection whose reply stream may be out of sync (a caller gave up waiting, a protocol
-error, a reply nobody asked for) is aborted at once and never reused; every waiter on it
+A caller that gives up waiting (its deadline passed) does not put the stream out of sync:
+its entry stays in the FIFO and its replies are parsed and dropped when they come. A
+connection whose stream may be out of sync (a protocol error, a reply nobody asked for) or
+that has stalled (see `stalled`) is aborted at once and never reused; every waiter on it
 then fails with `ConnectionError`.
 """
 
@@ -36,11 +38,12 @@ _FEED_CHUNK = 4096
 
 
 class _Pending:
-    __slots__ = ("fut", "n", "replies")
+    __slots__ = ("fut", "n", "replies", "sent_at")
 
-    def __init__(self, fut: asyncio.Future[list[Any]], n: int) -> None:
+    def __init__(self, fut: asyncio.Future[list[Any]], n: int, sent_at: float) -> None:
         self.fut = fut
         self.n = n
+        self.sent_at = sent_at
         self.replies: list[Any] = []
 
 
@@ -56,6 +59,7 @@ class RespConnection(asyncio.Protocol):
         self.alive = False
         self._lost: asyncio.Future[None] = loop.create_future()
         self._out: list[bytes] = []
+        self.last_rx = 0.0
         self._flush_scheduled = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -63,8 +67,10 @@ class RespConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         self.alive = True
+        self.last_rx = self.loop.time()
 
     def data_received(self, data: bytes) -> None:
+        self.last_rx = self.loop.time()
         # Fed in slices: hiredis compacts its buffer (memmove of all unread bytes) each time
         # 1 KiB of it has been parsed, so one large feed costs O(n^2) with many replies in
         # flight (measured: 3-4x slower lookups with six 512-item batches pipelined).
@@ -119,7 +125,7 @@ class RespConnection(asyncio.Protocol):
         if not self.alive:
             fut.set_exception(ConnectionError(f"{self.name}: connection closed"))
             return fut
-        self._waiting.append(_Pending(fut, n))
+        self._waiting.append(_Pending(fut, n, self.loop.time()))
         self._out.append(payload)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -139,6 +145,13 @@ class RespConnection(asyncio.Protocol):
     @property
     def in_flight(self) -> int:
         return len(self._waiting)
+
+    def stalled(self, now: float, quiet_s: float) -> bool:
+        """True if replies are owed and nothing at all arrived for `quiet_s` seconds since
+        the oldest of them was sent (the node or the path to it has stopped)."""
+        if not self._waiting:
+            return False
+        return now - max(self.last_rx, self._waiting[0].sent_at) > quiet_s
 
     def abort(self, why: str) -> None:
         """Drop the connection now (its reply stream can no longer be trusted)."""

@@ -11,9 +11,10 @@ Two paths share one set of semantics:
   pipeline. Tests check that both answer alike; it is also the fallback of the fast path.
 
 Every call is bounded by its deadline: a timeout, refused connection, reset or cluster down
-raises `StoreUnavailable` (a connection that timed out with replies in flight is aborted
-and re-dialled lazily; dialling a node that just failed backs off, so a down cluster fails
-fast instead of every call waiting for a connect).
+raises `StoreUnavailable`. A connection whose reply stream could be out of sync, or that
+has stalled, is aborted and re-dialled lazily (a caller that merely timed out leaves it in
+sync: see `_wait`); dialling a node that just failed backs off, so a down cluster fails
+fast instead of every call waiting for a connect.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ _PTTL_HEAD = b"*2\r\n$4\r\nPTTL\r\n$%d\r\n" % _KEY_LEN
 
 #: Error replies meaning "not here / not now": the item is re-run through redis-py.
 _REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
+#: A connection owing replies that received nothing for this long is aborted at the next
+#: deadline that passes on it.
+_STALL_S = 0.2
 _BACKOFF_MIN = 0.02
 _BACKOFF_MAX = 1.0
 _REFRESH_MIN_INTERVAL = 0.1
@@ -129,6 +133,7 @@ class RedisClusterStore(FlowStore):
                 "clusterdown",
                 "redirected_items",
                 "timeouts",
+                "stalled",
                 "connection_errors",
                 "connects",
                 "connect_failures",
@@ -298,14 +303,25 @@ class RedisClusterStore(FlowStore):
     async def _wait(
         self, pend: list[tuple[RespConnection, asyncio.Future[list[Any]]]], deadline_at: float
     ) -> list[list[Any]]:
-        """Await the replies of every sent group; abort connections still owing at deadline."""
+        """Await the replies of every sent group, until the deadline.
+
+        At the deadline the caller gives up. Its requests stay queued on their connections,
+        whose replies are then parsed and dropped in order, so the reply stream stays in
+        sync and the connection is kept: aborting it would also fail every other caller's
+        requests in flight on it (measured with 5 ms deadlines under load: throughput fell
+        10x, each timeout cascading into reconnects). A connection on which nothing at all
+        has arrived for `_STALL_S` while replies are owed is aborted (re-dialled lazily).
+        """
 
         def expire() -> None:
+            now = self._loop.time()
             for conn, fut in pend:
                 if not fut.done():
                     fut.set_exception(_Deadline())
                     fut.exception()
-                    conn.abort(f"{conn.name}: deadline exceeded with replies in flight")
+                    if conn.alive and conn.stalled(now, _STALL_S):
+                        self.counters["stalled"] += 1
+                        conn.abort(f"{conn.name}: no reply for {_STALL_S * 1000:.0f} ms")
 
         timer = self._loop.call_at(deadline_at, expire)
         try:

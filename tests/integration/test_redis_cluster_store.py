@@ -235,11 +235,22 @@ class ScriptedTransport(FakeTransport):
     def __init__(self, conn: RespConnection, rc: FakeRedisPy, errors: dict[bytes, bytes]) -> None:
         super().__init__()
         self.conn, self.rc, self.errors, self.stalled = conn, rc, errors, False
+        self.held: list[bytes] = []
 
     def write(self, data: bytes) -> None:
         super().write(data)
         if self.stalled:
+            self.held.append(data)
             return
+        self.answer(data)
+
+    def release(self) -> None:
+        self.stalled = False
+        for data in self.held:
+            self.answer(data)
+        self.held.clear()
+
+    def answer(self, data: bytes) -> None:
         reader = hiredis.Reader()
         reader.feed(data)
         out = []
@@ -298,21 +309,45 @@ async def test_redirect_replies_rerun_through_redis_py_and_refresh_the_map() -> 
     await store.close()
 
 
-async def test_unexpected_error_reply_and_stall_raise_store_unavailable() -> None:
+async def test_unexpected_error_reply_raises_store_unavailable() -> None:
     ts = tuples(50)
     keys = keys_of(ts)
-    store, _, transports = await _scripted_store({}, {keys[3]: b"LOADING Redis is loading"})
+    store, _, _ = await _scripted_store({}, {keys[3]: b"LOADING Redis is loading"})
     with pytest.raises(StoreUnavailable, match="LOADING"):
         await store.lookup_many(ts)
     assert store.counters["error_replies"] == 1
+    await store.close()
+
+
+async def test_timeout_keeps_the_stream_in_sync_and_a_stall_aborts() -> None:
+    ts, recs = tuples(60), records(60)
+    keys = keys_of(ts)
+    data = {k: r.encode() for k, r in zip(keys[:30], recs, strict=False)}
+    store, _, transports = await _scripted_store(data, {})
     for tr in transports:
         tr.stalled = True
     t0 = time.monotonic()
     with pytest.raises(StoreUnavailable, match="deadline"):
-        await store.lookup_many(ts, deadline_ms=20)
+        await store.lookup_many(ts[:30], deadline_ms=20)
     assert 0.02 <= time.monotonic() - t0 < 0.02 + SLACK_S
-    assert all(tr.aborted for tr in transports)  # replies in flight: never reused
     assert store.counters["timeouts"] == 1
+    # The late replies of the abandoned call arrive first and are dropped in order: the
+    # connection stays usable and answers the next call correctly.
+    assert not any(tr.aborted for tr in transports)
+    for tr in transports:
+        tr.release()
+    assert await store.lookup_many(ts[30:] + ts[:30]) == [None] * 30 + recs[:30]
+    # Stalled for longer than the stall limit: the next deadline aborts the connections.
+    for tr in transports:
+        tr.stalled = True
+    with pytest.raises(StoreUnavailable):
+        await store.lookup_many(ts, deadline_ms=20)
+    assert not any(tr.aborted for tr in transports)
+    await asyncio.sleep(0.25)
+    with pytest.raises(StoreUnavailable):
+        await store.lookup_many(ts, deadline_ms=20)
+    assert all(tr.aborted for tr in transports)
+    assert store.counters["stalled"] == 3
     await store.close()
 
 
