@@ -55,7 +55,7 @@ def check_config(path: str) -> int:
     return 0
 
 
-def run_worker(config: ForwarderConfig, fanout_group: int) -> int:
+def run_worker(config: ForwarderConfig, fanout_group: int, worker: int = 0) -> int:
     """Run one worker in this process until SIGINT/SIGTERM."""
     import asyncio
 
@@ -65,7 +65,7 @@ def run_worker(config: ForwarderConfig, fanout_group: int) -> int:
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     try:
-        asyncio.run(serve(config, fanout_group=fanout_group))
+        asyncio.run(serve(config, fanout_group=fanout_group, worker=worker))
     except OSError as exc:
         print(f"flowstate-forwarder: {exc}", file=sys.stderr)
         return 1
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             disable_offloads(ifname)
     if args.worker is None and config.workers > 1:
         return supervise(args, config)
-    return run_worker(config, args.fanout_group)
+    return run_worker(config, args.fanout_group, args.worker or 0)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ import ipaddress
 import logging
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from flowstate.errors import FlowstateError, StoreUnavailable
 from flowstate.store import FlowStore, MemoryStore
@@ -34,6 +34,8 @@ EXPIRE_EVERY_S, EXPIRE_BUDGET = 0.1, 4096
 MAX_ROUNDS = 4
 #: Delay between reconnect attempts while the store is unreachable.
 STORE_RETRY_S = 1.0
+
+_T = TypeVar("_T")
 
 
 def monotonic_ms() -> int:
@@ -135,8 +137,15 @@ class Forwarder:
         store: FlowStore | None = None,
         store_factory: Callable[[], Any] | None = None,
         neighbours: Any = None,
+        worker: int = 0,
+        operations: bool = False,
     ) -> None:
         self.config = config
+        self.worker = worker
+        #: Serve the control API and metrics from `run()` (the daemon does; embedders may not).
+        self.operations = operations
+        #: Called with (operation, seconds, ok) after every store call (metrics).
+        self.store_observer: Callable[[str, float, bool], None] | None = None
         self.engine = engine
         self.rings = list(rings)
         self.store = store
@@ -215,7 +224,7 @@ class Forwarder:
         async def lookups() -> None:
             tuples = [to_tuple(f) for f in work.lookups]
             try:
-                records = await store.lookup_many(tuples)
+                records = await self._timed("lookup", store.lookup_many(tuples))
             except StoreUnavailable:
                 self._send(self.core.on_lookups(work.lookups, None, monotonic_ms()))
                 return
@@ -224,7 +233,7 @@ class Forwarder:
         async def pins() -> None:
             items = [(to_tuple(f), rec, ttl) for f, rec, ttl in work.pins]
             try:
-                stored = await store.pin_many(items)
+                stored = await self._timed("pin", store.pin_many(items))
             except StoreUnavailable:
                 self.core.on_pins(work, None, monotonic_ms())
                 return
@@ -233,12 +242,16 @@ class Forwarder:
         async def touches() -> None:
             ttl = self.config.timeouts.store_ttl_ms
             with contextlib.suppress(StoreUnavailable):
-                await store.touch_many([(to_tuple(f), ttl) for f in work.touches])
+                await self._timed(
+                    "touch", store.touch_many([(to_tuple(f), ttl) for f in work.touches])
+                )
 
         async def releases() -> None:
             linger = self.config.timeouts.fin_linger_ms
             with contextlib.suppress(StoreUnavailable):
-                await store.release_many([to_tuple(f) for f in work.releases], linger)
+                await self._timed(
+                    "release", store.release_many([to_tuple(f) for f in work.releases], linger)
+                )
 
         jobs = []
         if work.lookups:
@@ -250,6 +263,18 @@ class Forwarder:
         if work.releases:
             jobs.append(releases())
         await asyncio.gather(*jobs)
+
+    async def _timed(self, op: str, call: Awaitable[_T]) -> _T:
+        """Await one store call and report its latency to `store_observer`."""
+        start = time.perf_counter()
+        ok = False
+        try:
+            result = await call
+            ok = True
+            return result
+        finally:
+            if self.store_observer is not None:
+                self.store_observer(op, time.perf_counter() - start, ok)
 
     async def _connect_loop(self) -> None:
         """Connect (and reconnect) the store in the background; forwarding never waits on it."""
@@ -315,6 +340,11 @@ class Forwarder:
     async def run(self) -> None:
         """Forward until `stop()`."""
         loop = asyncio.get_running_loop()
+        ops = None
+        if self.operations:
+            from forwarder.control import start_operations
+
+            ops = await start_operations(self)  # OSError if a live forwarder holds the socket
         if self.store is None and self._store_factory is not None:
             # One attempt before the first packet, so that a restarted forwarder finds its
             # flows in the store instead of guessing with Maglev; then retry in the background.
@@ -335,6 +365,8 @@ class Forwarder:
         try:
             await self._stopping.wait()
         finally:
+            if ops is not None:
+                await ops.close()
             for ring in self.rings:
                 loop.remove_reader(ring.fileno())
             for task in list(self._tasks):
@@ -381,7 +413,7 @@ def open_rings(config: ForwarderConfig, fanout_group: int) -> list[Any]:
     return rings
 
 
-async def serve(config: ForwarderConfig, *, fanout_group: int = 0) -> None:
+async def serve(config: ForwarderConfig, *, fanout_group: int = 0, worker: int = 0) -> None:
     """Run one worker until SIGINT/SIGTERM."""
     import signal
 
@@ -396,6 +428,8 @@ async def serve(config: ForwarderConfig, *, fanout_group: int = 0) -> None:
         rings,
         store_factory=lambda: open_store(config),
         neighbours=neighbours,
+        worker=worker,
+        operations=True,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
