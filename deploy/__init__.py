@@ -1,0 +1,1 @@
+"""Deployment tools of flowstate: Redis Cluster scripts, backend set-up, the anycast lab."""
