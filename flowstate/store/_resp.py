@@ -60,6 +60,8 @@ class RespConnection(asyncio.Protocol):
         self._lost: asyncio.Future[None] = loop.create_future()
         self._out: list[bytes] = []
         self.last_rx = 0.0
+        #: Replies sent for and not received yet (including those of callers who gave up).
+        self.owed = 0
         self._flush_scheduled = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -103,6 +105,7 @@ class RespConnection(asyncio.Protocol):
                 append(r)
                 missing -= 1
             waiting.popleft()
+            self.owed -= p.n
             if not p.fut.done():
                 p.fut.set_result(replies)
         if self.alive and gets() is not False:
@@ -126,6 +129,7 @@ class RespConnection(asyncio.Protocol):
             fut.set_exception(ConnectionError(f"{self.name}: connection closed"))
             return fut
         self._waiting.append(_Pending(fut, n, self.loop.time()))
+        self.owed += n
         self._out.append(payload)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -146,11 +150,14 @@ class RespConnection(asyncio.Protocol):
     def in_flight(self) -> int:
         return len(self._waiting)
 
-    def stalled(self, now: float, quiet_s: float) -> bool:
+    def stalled(self, now: float, quiet_s: float, max_owed: int) -> bool:
         """True if replies are owed and nothing at all arrived for `quiet_s` seconds since
-        the oldest of them was sent (the node or the path to it has stopped)."""
+        the oldest of them was sent (the node or the path to it has stopped), or if more
+        than `max_owed` replies are owed (it answers far slower than it is asked)."""
         if not self._waiting:
             return False
+        if self.owed > max_owed:
+            return True
         return now - max(self.last_rx, self._waiting[0].sent_at) > quiet_s
 
     def abort(self, why: str) -> None:

@@ -57,6 +57,8 @@ _REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
 #: A connection owing replies that received nothing for this long is aborted at the next
 #: deadline that passes on it.
 _STALL_S = 0.2
+#: ... or that owes more replies than this (requests pile up faster than it answers).
+_MAX_OWED = 250_000
 _BACKOFF_MIN = 0.02
 _BACKOFF_MAX = 1.0
 _REFRESH_MIN_INTERVAL = 0.1
@@ -310,7 +312,8 @@ class RedisClusterStore(FlowStore):
         sync and the connection is kept: aborting it would also fail every other caller's
         requests in flight on it (measured with 5 ms deadlines under load: throughput fell
         10x, each timeout cascading into reconnects). A connection on which nothing at all
-        has arrived for `_STALL_S` while replies are owed is aborted (re-dialled lazily).
+        has arrived for `_STALL_S` while replies are owed, or that owes more than `_MAX_OWED`
+        replies, is aborted (and re-dialled lazily).
         """
 
         def expire() -> None:
@@ -319,9 +322,12 @@ class RedisClusterStore(FlowStore):
                 if not fut.done():
                     fut.set_exception(_Deadline())
                     fut.exception()
-                    if conn.alive and conn.stalled(now, _STALL_S):
+                    if conn.alive and conn.stalled(now, _STALL_S, _MAX_OWED):
                         self.counters["stalled"] += 1
-                        conn.abort(f"{conn.name}: no reply for {_STALL_S * 1000:.0f} ms")
+                        conn.abort(
+                            f"{conn.name}: stalled ({conn.owed} replies owed, none for "
+                            f"{(now - conn.last_rx) * 1000:.0f} ms)"
+                        )
 
         timer = self._loop.call_at(deadline_at, expire)
         try:

@@ -154,6 +154,7 @@ async def test_resp_connection_pipelines_in_order_across_chunks() -> None:
     conn.connection_made(tr)  # type: ignore[arg-type]
     f1 = conn.send(pack_command("GET", "a") + pack_command("GET", "b"), 2)
     f2 = conn.send(pack_command("SET", "c", "d"), 1)
+    assert conn.owed == 3
     stream = b"$1\r\nx\r\n$-1\r\n-MOVED 3999 127.0.0.1:6381\r\n"
     for i in range(len(stream)):  # worst case: one byte at a time
         conn.data_received(stream[i : i + 1])
@@ -161,6 +162,7 @@ async def test_resp_connection_pipelines_in_order_across_chunks() -> None:
     (err,) = await f2
     assert isinstance(err, hiredis.ReplyError) and str(err).startswith("MOVED")
     assert conn.alive and not tr.aborted
+    assert conn.owed == 0
 
 
 async def test_resp_connection_aborts_on_desync() -> None:
