@@ -291,6 +291,16 @@ def test_bad_arguments_raise(call: Callable[[Any], Any]) -> None:
     assert engine.process([syn4(1)], T0).verdicts == b"\x01"
 
 
+def test_backend_link() -> None:
+    engine = configured(capacity=64)
+    assert engine.backend_link(1) is None  # no link info
+    assert engine.backend_link(2) is None  # no such backend
+    engine.set_backend(1, bytes(16), dst_mac=b"\x02" * 6, src_mac=b"\x04" * 6, ifindex=3, mtu=1400)
+    assert engine.backend_link(1) == (3, b"\x04" * 6, b"\x02" * 6, 1400)
+    engine.set_backend(1, bytes(16), dst_mac=b"\x02" * 6, ifindex=3)
+    assert engine.backend_link(1) is None  # incomplete: no source MAC
+
+
 def test_uninitialised_engine_raises() -> None:
     engine = CEngine.__new__(CEngine)
     with pytest.raises(RuntimeError):
