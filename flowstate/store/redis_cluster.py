@@ -325,6 +325,7 @@ class RedisClusterStore(ClusterClient, FlowStore):
         if self._closed:
             return
         self._closed = True
+        self._stop_wheel()
         tasks: list[asyncio.Task[Any]] = [n.dial for n in self._pool.values() if n.dial]
         if self._refresh_task is not None:
             tasks.append(self._refresh_task)

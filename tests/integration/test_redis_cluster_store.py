@@ -322,6 +322,29 @@ async def test_unexpected_error_reply_raises_store_unavailable() -> None:
     await store.close()
 
 
+async def test_deadlines_fire_in_order_never_early() -> None:
+    """One timer serves every deadline: a short deadline taken after a long one still fires
+    on time, and none fires before its time."""
+    ts = tuples(30)
+    store, _, transports = await _scripted_store({}, {})
+    for tr in transports:
+        tr.stalled = True
+
+    async def timed(deadline_ms: float) -> float:
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="deadline"):
+            await store.lookup_many(ts, deadline_ms=deadline_ms)
+        return time.monotonic() - t0
+
+    tasks = [asyncio.create_task(timed(ms)) for ms in (300, 120, 10, 60, 10.5)]
+    took = await asyncio.gather(*tasks)
+    for ms, t in zip((300, 120, 10, 60, 10.5), took, strict=True):
+        assert ms / 1000 <= t < ms / 1000 + 0.05, (ms, t)
+    assert store.counters["timeouts"] == 5
+    assert not store._wheel and not store._wheel_buckets and store._tick is None
+    await store.close()
+
+
 async def test_timeout_keeps_the_stream_in_sync_and_a_stall_aborts() -> None:
     ts, recs = tuples(60), records(60)
     keys = keys_of(ts)
