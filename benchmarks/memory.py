@@ -1,0 +1,1 @@
+"""Bytes per flow of the local flow table and of Redis (being written)."""
