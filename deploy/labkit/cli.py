@@ -1,0 +1,262 @@
+"""`deploy/lab`: build the anycast lab, run the scenario in each mode, print the comparison.
+
+deploy/lab run [--quick] [--json] [--connections N] [--mode M] [--out DIR] [--keep]
+deploy/lab up      build the lab and keep it until Ctrl-C (explore it with ip netns exec)
+deploy/lab down    remove what a crashed or killed lab left behind
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from deploy.labkit.bird import bird_missing
+from deploy.labkit.netns import netns_unavailable, remove_stale_namespaces
+from deploy.labkit.scenario import DEFAULT_STEPS, MODES, ModeRun, RouteMonitor, ScenarioOptions
+from deploy.labkit.topology import Lab, LabSize
+
+__all__ = ["main", "run_lab"]
+
+PROG = "deploy/lab"
+WORKDIR_PREFIX = "flowstate-lab-"
+OWNER_FILE = "owner.pid"
+QUICK = {"gap": 2.5, "warmup": 1.0}
+
+
+class LabInterrupted(KeyboardInterrupt):
+    """SIGTERM/SIGHUP: unwind like Ctrl-C so that everything is torn down."""
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise LabInterrupted(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _teardown_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind the stack (so `finally` blocks tear down) like Ctrl-C does."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _shielded() -> Iterator[None]:
+    """No signal interrupts a tear-down half-way (a second Ctrl-C would leave things behind)."""
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def preflight(impl: str) -> str | None:
+    """Why the lab cannot run here (with the fix), or None."""
+    problem = netns_unavailable() or bird_missing()
+    if problem:
+        return problem
+    for binary in ("redis-server", "redis-cli", "ethtool"):
+        if shutil.which(binary) is None:
+            return f"{binary} not found: apt-get install redis-server redis-tools ethtool"
+    if impl == "c":
+        from forwarder.fastpath import c_engine_available
+
+        if not c_engine_available():
+            return "the forwarder's C fast path is not built: python3 -m pip install -e ."
+    return None
+
+
+def _workdir() -> Path:
+    wd = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+    (wd / OWNER_FILE).write_text(f"{os.getpid()}\n")
+    return wd
+
+
+def run_lab(
+    modes: list[str],
+    opts: ScenarioOptions,
+    *,
+    size: LabSize | None = None,
+    log: Any = print,
+    keep_workdir: bool = False,
+) -> list[ModeRun]:
+    """Build the lab, run `modes` one after another, tear everything down; the runs."""
+    remove_stale_namespaces()
+    started = time.monotonic()
+    with _teardown_on_signals():
+        lab = Lab.build(size or LabSize(), workdir=_workdir(), log=log)
+        runs: list[ModeRun] = []
+        try:
+            with lab.health_gate():
+                monitor = RouteMonitor(lab)
+                try:
+                    for mode in modes:
+                        from deploy.labkit.scenario import run_mode
+
+                        runs.append(run_mode(lab, mode, opts, monitor, log))
+                finally:
+                    monitor.close()
+        finally:
+            with _shielded():
+                if keep_workdir:
+                    log(f"tearing the lab down (configs and logs kept in {lab.workdir})")
+                lab.close(keep_workdir=keep_workdir)
+                log(f"lab torn down; {time.monotonic() - started:.0f}s in all")
+    return runs
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from deploy.labkit.results import comparison_table, plot_timeline, summarize, write_json
+
+    modes = list(MODES) if args.mode == "all" else [args.mode]
+    tuning: dict[str, float] = dict(QUICK) if args.quick else {}
+    if args.gap is not None:
+        tuning["gap"] = args.gap
+    opts = ScenarioOptions(
+        connections=args.connections,
+        udp_flows=args.udp_flows,
+        interval=args.interval,
+        steps=tuple(args.steps.split(",")) if args.steps else DEFAULT_STEPS,
+        impl=args.impl,
+        **tuning,
+    )
+    problem = preflight(opts.impl)
+    if problem:
+        print(f"{PROG}: cannot run: {problem} (deploy/demo installs everything)", file=sys.stderr)
+        return 2
+    out = sys.stderr if args.json else sys.stdout
+
+    def log(text: str) -> None:
+        if text:
+            print(text, file=out, flush=True)
+
+    runs = run_lab(modes, opts, log=log, keep_workdir=args.keep)
+    summaries = {run.mode: summarize(run) for run in runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    options = {**vars(args), "out": str(args.out), "scenario": opts.__dict__}
+    write_json(args.out / "results.json", runs, options)
+    png = args.out / "timeline.png"
+    drew = plot_timeline(png, runs)
+    if args.json:
+        print(json.dumps({"modes": summaries}, indent=2))
+    else:
+        print()
+        print(comparison_table(summaries))
+        print()
+    print(f"results: {args.out / 'results.json'}", file=out)
+    print(f"timeline: {png}" if drew else "timeline: not drawn (pip install matplotlib)", file=out)
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    problem = preflight("c")
+    if problem:
+        print(f"{PROG}: cannot run: {problem}", file=sys.stderr)
+        return 2
+    remove_stale_namespaces()
+    with _teardown_on_signals():
+        lab = Lab.build(LabSize(), workdir=_workdir())
+        try:
+            _describe(lab)
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            with _shielded():
+                print("tearing the lab down")
+                lab.close()
+    return 0
+
+
+def _describe(lab: Lab) -> None:
+    print("\nlab is up (no forwarders run yet; `deploy/lab run` drives a scenario). Namespaces:")
+    for ns in lab.topo.namespaces:
+        print(f"  {ns.role:<7} ip netns exec {ns.name} bash")
+    print(f"router BGP:  birdc -s {lab.router_bird.socket} show route")
+    print(f"Redis seeds: {','.join(lab.redis_seeds)} (password in {lab.workdir}/redis)")
+    print("Ctrl-C tears everything down.")
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    """Stop labs whose owner is alive (`deploy/lab up` elsewhere), clean up after dead ones."""
+    tmp = Path(tempfile.gettempdir())
+    for wd in sorted(tmp.glob(f"{WORKDIR_PREFIX}*")):
+        owner = wd / OWNER_FILE
+        pid = int(owner.read_text()) if owner.exists() else 0
+        if pid and _is_lab_process(pid):
+            print(f"stopping the lab of process {pid} ({wd})")
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(300):
+                if not os.path.exists(f"/proc/{pid}"):
+                    break
+                time.sleep(0.1)
+    removed = remove_stale_namespaces()
+    for wd in sorted(tmp.glob(f"{WORKDIR_PREFIX}*")):
+        owner = wd / OWNER_FILE
+        pid = int(owner.read_text()) if owner.exists() else 0
+        if not pid or not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(wd, ignore_errors=True)
+            print(f"removed {wd}")
+    print(f"removed {len(removed)} stale namespace(s)")
+    return 0
+
+
+def _is_lab_process(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(part.endswith(b"deploy/lab") for part in cmdline)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="The anycast lab: connections through BGP route moves, in three modes.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    r = sub.add_parser("run", help="build the lab, run the scenario, print the comparison")
+    r.add_argument("--quick", action="store_true", help="shorter pauses: all modes in < 2 min")
+    r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    r.add_argument("--connections", type=int, default=200, help="TCP connections (200)")
+    r.add_argument("--udp-flows", type=int, default=20, help="UDP flows (20)")
+    r.add_argument("--interval", type=float, default=0.05, help="seconds between requests")
+    r.add_argument("--mode", choices=[*MODES, "all"], default="all")
+    r.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "flowstate-lab")
+    r.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs)")
+    r.add_argument("--impl", choices=["c", "python"], default="c", help="forwarder data path")
+    r.add_argument("--gap", type=float, default=None, help="seconds between steps (5; quick 2.5)")
+    r.add_argument(
+        "--steps",
+        default=None,
+        help="comma-separated steps: move:POP, add:N, drain:N, crash "
+        f"(default {','.join(DEFAULT_STEPS)})",
+    )
+    sub.add_parser("up", help="build the lab and keep it until Ctrl-C")
+    sub.add_parser("down", help="remove what a crashed lab left behind")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"run": _cmd_run, "up": _cmd_up, "down": _cmd_down}
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; everything was torn down", file=sys.stderr)
+        return 130
