@@ -693,7 +693,7 @@ async def test_cluster_down_fails_fast_then_recovers(redis_cluster: Any) -> None
                         slow_deadline += [took, took2]
             # Refused connections and the re-dial backoff fail calls at once, not at their
             # deadline.
-            assert statistics.median(slow_deadline) < 0.01, slow_deadline
+            assert statistics.median(slow_deadline) < 0.025, slow_deadline
             assert s.counters["fast_fail"] > 0
             await _timed(s.touch_many([(ts[0], 1000)], deadline_ms=50))
             await _timed(s.release_many([ts[0]], 100, deadline_ms=50))
