@@ -753,12 +753,9 @@ static PyObject *ring_send(FpRingObject *r, PyObject *args, PyObject *kwds) {
             k++;
             continue;
         }
-        if (eng == NULL) {
-            PyErr_SetString(PyExc_ValueError,
-                            "no engine for backend link info: pass engine= or run() first");
-            goto error;
-        }
-        const fp_backend *b = eng->e.backends == NULL ? NULL : eng->e.backends[bid];
+        /* No engine (none given, no run() yet): no link info, like an unresolved neighbour. */
+        const fp_backend *b =
+            eng == NULL || eng->e.backends == NULL ? NULL : eng->e.backends[bid];
         if (b == NULL || !b->has_link) {
             r->c.tx_no_route++;
             continue;
