@@ -181,12 +181,18 @@ class Operations:
             self._release()
             raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket; not touching it")
         try:
-            client = await ControlClient.connect(self.path, timeout=1.0)
-        except ControlError:
-            os.unlink(self.path)
+            async with asyncio.timeout(1.0):
+                _, writer = await asyncio.open_unix_connection(str(self.path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
             log.info("removed stale control socket %s", self.path)
             return
-        await client.close()
+        except (OSError, TimeoutError) as exc:
+            self._release()
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise OSError(errno.EADDRINUSE, f"{self.path}: cannot check it ({reason})") from None
+        writer.close()
         self._release()
         raise OSError(errno.EADDRINUSE, await self._busy_message())
 

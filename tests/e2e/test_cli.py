@@ -111,20 +111,8 @@ def test_get_ls_count_explain_agree_with_the_traffic(pop: Pop) -> None:
         return ok_json(pop, "flows", "count", "--vip", VIP6)["count"] >= len(sent)
 
     assert wait_until(pinned, 10, 0.5)
-    count = ok_json(pop, "flows", "count", "--vip", VIP6, "--by", "backend")
-    assert count["count"] == len(sent) and count["bad_records"] == 0
-    assert count["groups"] == dict(Counter(sent.values()))
-
-    listed = cli(pop, "flows", "ls", "--vip", VIP6, "--json")
-    assert listed.returncode == 0, listed.stderr
-    rows = [json.loads(line) for line in listed.stdout.splitlines()]
-    assert {r["key"]: r["backend"] for r in rows} == keys
-    assert {r["pop"] for r in rows} == {"pop1"} and all(r["ttl_ms"] > 0 for r in rows)
-    human = cli(pop, "flows", "ls", "--vip", VIP6, "--backend", B3, "--limit", "3")
-    assert human.returncode == 0 and human.stdout.startswith("KEY ")
-    assert len(human.stdout.splitlines()) == 1 + min(3, Counter(sent.values())[B3])
-
-    for port, backend in list(sent.items())[:5]:
+    # First what needs the local table (UDP entries idle out after 30 s), then the scans.
+    for port, backend in list(sent.items())[-3:]:  # the most recent: longest to live
         flow = ["udp", CLIENT6, str(port), VIP6, "53"]
         got = ok_json(pop, "flows", "get", CLIENT6, str(port), VIP6, "53", "udp")
         assert got["found"] and got["record"]["backend"] == backend
@@ -140,6 +128,19 @@ def test_get_ls_count_explain_agree_with_the_traffic(pop: Pop) -> None:
         assert explained["maglev"] == backend and explained["forwarder_maglev"] == backend
         text = cli(pop, "explain", *flow[1:], "udp")
         assert text.returncode == 0 and f"next      {backend} (local)" in text.stdout
+
+    count = ok_json(pop, "flows", "count", "--vip", VIP6, "--by", "backend")
+    assert count["count"] == len(sent) and count["bad_records"] == 0
+    assert count["groups"] == dict(Counter(sent.values()))
+
+    listed = cli(pop, "flows", "ls", "--vip", VIP6, "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert {r["key"]: r["backend"] for r in rows} == keys
+    assert {r["pop"] for r in rows} == {"pop1"} and all(r["ttl_ms"] > 0 for r in rows)
+    human = cli(pop, "flows", "ls", "--vip", VIP6, "--backend", B3, "--limit", "3")
+    assert human.returncode == 0 and human.stdout.startswith("KEY ")
+    assert len(human.stdout.splitlines()) == 1 + min(3, Counter(sent.values())[B3])
 
     absent = cli(pop, "flows", "get", CLIENT6, "9", VIP6, "53", "udp")
     assert absent.returncode == 1 and "record    none" in absent.stdout
@@ -192,9 +193,12 @@ def test_weight_zero_takes_no_new_flows(pop: Pop) -> None:
 
 
 def test_stats_and_metrics_count_the_traffic(pop: Pop) -> None:
-    traffic = pop.tool_popen("udp-clients", "--vip", VIP4, "--flows", "300", "--datagrams", "3")
+    # Keep-alive connections sending for 3 s: the two samples fall inside the traffic.
+    traffic = pop.tool_popen(
+        "http-clients", "--vip", VIP4, "--conns", "10", "--requests", "30", "--interval", "0.1"
+    )
     try:
-        time.sleep(0.3)
+        time.sleep(0.8)
         stats = ok_json(pop, "stats", "--interval", "1")
         traffic.communicate(timeout=60)
     finally:
