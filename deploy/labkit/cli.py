@@ -16,10 +16,9 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from deploy.labkit.bird import bird_missing
 from deploy.labkit.netns import netns_unavailable, remove_stale_namespaces
@@ -92,16 +91,22 @@ def run_lab(
     opts: ScenarioOptions,
     *,
     size: LabSize | None = None,
-    log: Any = print,
+    log: Callable[[str], None] = print,
     keep_workdir: bool = False,
+    on_built: Callable[[Lab], None] | None = None,
 ) -> list[ModeRun]:
-    """Build the lab, run `modes` one after another, tear everything down; the runs."""
+    """Build the lab, run `modes` one after another, tear everything down; the runs.
+
+    `on_built` sees the lab once it is up (tests use it to note what must be gone after).
+    """
     remove_stale_namespaces()
     started = time.monotonic()
     with _teardown_on_signals():
         lab = Lab.build(size or LabSize(), workdir=_workdir(), log=log)
         runs: list[ModeRun] = []
         try:
+            if on_built is not None:
+                on_built(lab)
             with lab.health_gate():
                 monitor = RouteMonitor(lab)
                 try:
