@@ -311,13 +311,19 @@ class RedisClusterStore(ClusterClient, FlowStore):
                     (rep,) = await self._wait([(conn, fut)], deadline_at)
                     for j, key in enumerate(keys):
                         raw, ttl = rep[2 * j], rep[2 * j + 1]
-                        if raw is None or isinstance(raw, Exception):
-                            continue  # expired meanwhile, or migrated away (MOVED/ASK)
                         ttl_ms = ttl if type(ttl) is int and ttl >= 0 else None
-                        try:
-                            yield ScanEntry(key, decode_fast(raw), ttl_ms)
-                        except RecordError as exc:
-                            yield ScanEntry(key, None, ttl_ms, str(exc))
+                        if raw is None:
+                            continue  # expired since SCAN listed it
+                        if isinstance(raw, Exception):
+                            if not str(raw).startswith("WRONGTYPE"):
+                                continue  # migrated away meanwhile (MOVED/ASK)
+                            entry = ScanEntry(key, None, ttl_ms, "not a string value")
+                        else:
+                            try:
+                                entry = ScanEntry(key, decode_fast(raw), ttl_ms)
+                            except RecordError as exc:
+                                entry = ScanEntry(key, None, ttl_ms, str(exc))
+                        yield entry
                 if cursor == b"0":
                     break
 

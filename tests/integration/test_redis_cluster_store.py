@@ -488,6 +488,18 @@ async def test_fast_path_agrees_with_redis_py(
     assert store.counters["redirected_items"] == 0
 
 
+async def test_non_string_value_is_garbage(store: RedisClusterStore) -> None:
+    """A hash where a record belongs: lookups say None, a pin replaces it."""
+    ts, recs = tuples(3), records(3)
+    for t in ts:
+        await store._rc.hset(t.key(), "f", "v")
+    assert await store.lookup_many(ts) == [None] * 3
+    assert await store.pin_many([(t, r, 60_000) for t, r in zip(ts, recs, strict=True)]) == recs
+    assert await store.lookup_many(ts) == recs
+    assert store.counters["bad_records"] == 6
+    await store.delete(ts)
+
+
 def _tuples_in_slot(slot: int, n: int) -> list[FiveTuple]:
     found: list[FiveTuple] = []
     while len(found) < n:

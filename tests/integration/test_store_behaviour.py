@@ -268,12 +268,20 @@ async def test_scan_finds_exactly_what_was_pinned(harness: Harness) -> None:
     (bad,) = tuples(1)
     await harness.put_raw(bad.key(), b"\xc1junk", 60_000)
     await harness.put_raw(b"other:key", b"x", 60_000)  # not a flow key: not matched
+    wrong_type = None
+    if harness.kind == "redis":
+        assert isinstance(store, RedisClusterStore)
+        (wrong_type,) = tuples(1)
+        await store._rc.hset(wrong_type.key(), "f", "v")  # a hash where a record belongs
     found: dict[bytes, Any] = {}
     async for entry in store.scan(count=300):
         assert entry.key not in found
         found[entry.key] = entry
     expect = {t.key(): r for t, r in zip(ts, recs, strict=True)}
-    assert set(found) == set(expect) | {bad.key()}
+    extra = {bad.key()} | ({wrong_type.key()} if wrong_type else set())
+    assert set(found) == set(expect) | extra
+    if wrong_type:
+        assert found[wrong_type.key()].record is None and found[wrong_type.key()].error
     for key, rec in expect.items():
         entry = found[key]
         assert entry.record == rec and entry.error is None
