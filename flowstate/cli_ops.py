@@ -26,12 +26,13 @@ from flowstate.cli_common import (
 )
 from flowstate.control_client import ChangeAnswer, ControlClient, ControlError, VipSelector
 from flowstate.errors import UsageError
-from forwarder.metrics import diff_histogram, quantile
+from forwarder.metrics import VERDICTS, diff_histogram, quantile
 
 #: Engine verdicts that are not drops and not packets for us.
 _PASSES = ("pass_not_ip", "pass_not_vip", "pass_not_service")
 #: Slow-path and ring counters shown among the drops.
 _OTHER_DROPS = (
+    ("engine", "tx_errors"),
     ("core", "miss_queue_full"),
     ("core", "record_rejected"),
     ("rings", "tx_errors"),
@@ -238,9 +239,7 @@ def summarize(
     """Totals and (with a previous sample) rates of a `stats` answer, all workers summed."""
     workers = cur["workers"]
     engine, core, rings = _sum(workers, "engine"), _sum(workers, "core"), _sum(workers, "rings")
-    verdicts = {
-        k: v for k, v in engine.items() if k not in ("flows", "capacity", "evicted", "expired")
-    }
+    verdicts = {k: v for k, v in engine.items() if k in VERDICTS}
     packets = sum(verdicts.values())
     latency = _latency(workers)
     out: dict[str, Any] = {
@@ -261,7 +260,7 @@ def summarize(
         "lookup_failed": core.get("lookup_failed", 0),
         "fallbacks": core.get("fallbacks", 0),
         "pins": core.get("pins", 0),
-        "drops": _drops(verdicts, core, rings),
+        "drops": _drops(verdicts, engine, core, rings),
         "store_latency": {},
     }
     prev_latency = _latency(prev["workers"]) if prev is not None else {}
@@ -288,24 +287,22 @@ def summarize(
                 "worker": w["worker"],
                 "pid": w["pid"],
                 "flows": w["engine"].get("flows", 0),
-                "packets": sum(
-                    v
-                    for k, v in w["engine"].items()
-                    if k not in ("flows", "capacity", "evicted", "expired")
-                ),
+                "packets": sum(v for k, v in w["engine"].items() if k in VERDICTS),
             }
             for w in workers
         ]
     return out
 
 
-def _drops(verdicts: dict[str, int], core: dict[str, int], rings: dict[str, int]) -> dict[str, int]:
+def _drops(
+    verdicts: dict[str, int], engine: dict[str, int], core: dict[str, int], rings: dict[str, int]
+) -> dict[str, int]:
     """Non-zero drop counters: engine drop_* verdicts, then slow-path and ring losses."""
     out = {k: v for k, v in verdicts.items() if k.startswith("drop_") and v}
     for section, name in _OTHER_DROPS:
-        value = (core if section == "core" else rings).get(name, 0)
+        value = {"engine": engine, "core": core, "rings": rings}[section].get(name, 0)
         if value:
-            out[name] = value
+            out[name if section != "engine" else f"engine_{name}"] = value
     return out
 
 

@@ -24,8 +24,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from forwarder.packet import Verdict
+
 log = logging.getLogger("flowstate.forwarder")
 
+#: Engine counters that count frames by verdict (the other engine counters are table stats).
+VERDICTS = frozenset(v.name.lower() for v in Verdict)
 #: Store operations timed by the driver (`Forwarder._timed`).
 STORE_OPS = ("lookup", "pin", "touch", "release")
 #: Upper bounds (s) of the latency buckets: lookups have a deadline of a few ms, writes of tens.
@@ -145,6 +149,7 @@ class _Snapshot(Collector):
         capacity = GaugeMetricFamily(
             "flowstate_flow_table_capacity", "Slots of the local flow table", labels=labels
         )
+        vips = GaugeMetricFamily("flowstate_vips", "VIPs configured in the engine", labels=labels)
         table: dict[str, CounterMetricFamily] = {}
         core: dict[str, CounterMetricFamily] = {}
         client: dict[str, CounterMetricFamily] = {}
@@ -196,8 +201,14 @@ class _Snapshot(Collector):
                     family(
                         table, f"flowstate_flows_{name}", f"Flows {name} from the local table", []
                     ).add_metric(lv, value)
-                else:
+                elif name in VERDICTS:
                     packets.add_metric([*lv, name], value)
+                elif name == "vips":
+                    vips.add_metric(lv, value)
+                else:  # the C engine's own counters: installs, tx_packets, tx_bytes, tx_errors
+                    family(
+                        table, f"flowstate_engine_{name}", f"Engine: {name.replace('_', ' ')}", []
+                    ).add_metric(lv, value)
             for name, value in w.get("core", {}).items():
                 family(
                     core, f"flowstate_core_{name}", f"Slow path: {name.replace('_', ' ')}", []
@@ -239,6 +250,7 @@ class _Snapshot(Collector):
         yield packets
         yield flows
         yield capacity
+        yield vips
         yield from table.values()
         yield from core.values()
         yield latency

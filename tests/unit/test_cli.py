@@ -229,7 +229,8 @@ def test_flow_listing_and_filters() -> None:
 
 def _stats(packets: dict[str, int], lookups: int, pid: int = 10, worker: int = 0) -> dict[str, Any]:
     engine = {"forward": 0, "new": 0, "miss": 0, "pass_not_vip": 0, "drop_no_route": 0,
-              "flows": 7, "capacity": 1024, "evicted": 0, "expired": 0, **packets}  # fmt: skip
+              "flows": 7, "capacity": 1024, "evicted": 0, "expired": 0, "tx_bytes": 10**6,
+              **packets}  # fmt: skip
     snap = {"le": [0.001, 0.01], "counts": [lookups, 0, 0], "sum": 0.0005 * lookups,
             "count": lookups, "errors": 0}  # fmt: skip
     return {

@@ -349,6 +349,7 @@ async def test_metrics_endpoint(running: Running) -> None:
     verdicts = {s.labels["verdict"] for s in packets.samples}
     assert {"forward", "new", "miss", "drop_no_route"} <= verdicts
     assert all(s.labels["pop"] == "pop1" for s in packets.samples)
+    assert not verdicts & {"flows", "capacity", "tx_bytes", "installs"}  # not verdicts
     latency = families["flowstate_store_latency_seconds"]
     pin_count = [
         s.value for s in latency.samples if s.name.endswith("_count") and s.labels["op"] == "pin"
