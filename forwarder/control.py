@@ -70,6 +70,23 @@ def worker_socket(path: Path, worker: int) -> Path:
     return path if worker == 0 else path.with_name(f"{path.name}.{worker}")
 
 
+def socket_in_use(path: Path) -> str | None:
+    """Why a new forwarder must not start on control socket `path` (a live one holds its
+    lock), or None. For the worker supervisor, before it starts workers that would only fail."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return f"control socket {path} is in use by a running forwarder; refusing to start"
+    finally:
+        os.close(fd)  # closing drops the lock we may have taken
+    return None
+
+
 def record_json(rec: FlowRecord) -> dict[str, Any]:
     return {
         "backend": str(rec.backend),

@@ -134,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         for ifname in config.interfaces:
             disable_offloads(ifname)
     if args.worker is None and config.workers > 1:
+        from forwarder.control import socket_in_use
+
+        busy = socket_in_use(config.control.socket)
+        if busy:
+            print(f"flowstate-forwarder: {busy}", file=sys.stderr)
+            return 1
         return supervise(args, config)
     return run_worker(config, args.fanout_group, args.worker or 0)
 

@@ -25,7 +25,7 @@ from flowstate.flow import FiveTuple
 from flowstate.record import FlowRecord
 from flowstate.store import MemoryStore
 from forwarder.config import ForwarderConfig, parse_config
-from forwarder.control import Operations, worker_socket
+from forwarder.control import Operations, socket_in_use, worker_socket
 from forwarder.fastpath import c_engine_available
 from forwarder.metrics import MetricsServer, quantile, render
 from forwarder.service import Forwarder, make_engine, monotonic_ms
@@ -364,3 +364,14 @@ async def test_metrics_endpoint(running: Running) -> None:
 
 def test_render_is_valid_without_workers() -> None:
     assert b"flowstate_packets" in render("pop1", [])
+
+
+async def test_socket_in_use_for_the_supervisor(tmp_path: Path) -> None:
+    config = make_config(tmp_path, workers=2)
+    assert socket_in_use(config.control.socket) is None
+    r = await start(config)
+    try:
+        assert "in use by a running forwarder" in (socket_in_use(config.control.socket) or "")
+    finally:
+        await stop(r)
+    assert socket_in_use(config.control.socket) is None
