@@ -47,8 +47,12 @@ B3 = decap_addr(3)
 class CliPop(Pop):
     """The standard POP with the metrics endpoint on (inside the forwarder's namespace)."""
 
+    workers = 1
+
     def config_text(self, impl: str, backends: list[int]) -> str:
-        return super().config_text(impl, backends).replace('metrics = ""', f'metrics = "{METRICS}"')
+        text = super().config_text(impl, backends)
+        text = text.replace('metrics = ""', f'metrics = "{METRICS}"')
+        return text.replace("\n[store]\n", f"\nworkers = {self.workers}\n[store]\n", 1)
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +263,26 @@ def test_a_second_forwarder_refuses_the_socket(pop: Pop) -> None:
     assert "in use by a running forwarder (POP pop1" in second.stderr
     assert not pop.forwarder_died()
     assert ok_json(pop, "backends", "ls")["pop"] == "pop1"  # the first one still answers
+
+
+def test_two_workers_answer_as_one_forwarder(pop: Pop) -> None:
+    """Worker 0 serves the socket and fans stats and changes out to worker 1 (last test: it
+    leaves the forwarder running with two workers)."""
+    assert isinstance(pop, CliPop)
+    impl = "c" if c_engine_available() else "python"
+    pop.stop_forwarder()
+    pop.workers = 2
+    pop.start_forwarder(impl, backends=[1, 2, 3])
+    assert wait_until(lambda: pop.log().count("control API on") == 2, 10), pop.log()[-2000:]
+    stats = ok_json(pop, "stats", "--interval", "0.2")["stats"]
+    assert sorted(w["worker"] for w in stats["workers"]) == [0, 1] and stats["errors"] == []
+    assert len({w["pid"] for w in stats["workers"]}) == 2
+    drained = ok_json(pop, "backends", "drain", B3, "--vip", f"{VIP4}:80")
+    assert sorted(drained["workers"]) == [0, 1] and drained["errors"] == []
+    try:
+        fresh = pop.tool("http-clients", "--vip", VIP4, "--conns", "60")
+        assert not failures(fresh) and "b3" not in {r["backends"][0] for r in fresh}
+        after = ok_json(pop, "stats", "--interval", "0.2")["stats"]["workers"]
+        assert all(w["engine"]["new"] > 0 for w in after)  # both workers took some of them
+    finally:
+        ok_json(pop, "backends", "undrain", B3)
