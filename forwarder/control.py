@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import stat
 import time
 from array import array
@@ -149,8 +150,6 @@ class Operations:
             raise OSError(errno.ENAMETOOLONG, f"control socket path too long: {self.path}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         await self._claim()
-        import socket
-
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             old = os.umask(0o177)  # the socket file is born 0600: no window where others connect

@@ -320,10 +320,14 @@ class MetricsServer:
                 if method != "HEAD":
                     writer.write(body)
                 await writer.drain()
-        except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError):
+        except (
+            TimeoutError,
+            OSError,
+            ValueError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ):
             pass  # a broken scrape is the scraper's problem; nothing to log per request
-        except asyncio.LimitOverrunError:
-            pass
         finally:
             writer.close()
             with contextlib.suppress(OSError):

@@ -375,3 +375,28 @@ async def test_socket_in_use_for_the_supervisor(tmp_path: Path) -> None:
     finally:
         await stop(r)
     assert socket_in_use(config.control.socket) is None
+
+
+async def test_metrics_endpoint_other_paths() -> None:
+    async def gather() -> tuple[str, list[dict[str, Any]]]:
+        return "pop1", []
+
+    server = MetricsServer(gather)
+    await server.start("127.0.0.1", 0)
+    try:
+        host, port = server.addresses[0]
+        for request, status in (
+            (b"GET /nope HTTP/1.1\r\n\r\n", b"HTTP/1.0 404"),
+            (b"POST /metrics HTTP/1.1\r\n\r\n", b"HTTP/1.0 405"),
+            (b"HEAD /metrics HTTP/1.0\r\n\r\n", b"HTTP/1.0 200"),
+            (b"GET /" + b"x" * 70000, b""),  # no end of head within the limit: dropped
+        ):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(request)
+            response = await reader.read()
+            writer.close()
+            assert response.startswith(status), (request[:20], response[:40])
+            if request.startswith(b"HEAD"):
+                assert response.endswith(b"\r\n\r\n")  # head only
+    finally:
+        await server.close()
