@@ -198,35 +198,25 @@ def _describe(lab: Lab) -> None:
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    """Stop labs whose owner is alive (`deploy/lab up` elsewhere), clean up after dead ones."""
+    """Clean up after labs whose process died (killed, crashed); never touch a live lab."""
     tmp = Path(tempfile.gettempdir())
-    for wd in sorted(tmp.glob(f"{WORKDIR_PREFIX}*")):
-        owner = wd / OWNER_FILE
-        pid = int(owner.read_text()) if owner.exists() else 0
-        if pid and _is_lab_process(pid):
-            print(f"stopping the lab of process {pid} ({wd})")
-            os.kill(pid, signal.SIGTERM)
-            for _ in range(300):
-                if not os.path.exists(f"/proc/{pid}"):
-                    break
-                time.sleep(0.1)
     removed = remove_stale_namespaces()
     for wd in sorted(tmp.glob(f"{WORKDIR_PREFIX}*")):
-        owner = wd / OWNER_FILE
-        pid = int(owner.read_text()) if owner.exists() else 0
-        if not pid or not os.path.exists(f"/proc/{pid}"):
-            shutil.rmtree(wd, ignore_errors=True)
-            print(f"removed {wd}")
+        pid = _owner(wd)
+        if pid and os.path.exists(f"/proc/{pid}"):
+            print(f"lab of live process {pid} left alone ({wd}): Ctrl-C it, or kill -TERM {pid}")
+            continue
+        shutil.rmtree(wd, ignore_errors=True)
+        print(f"removed {wd}")
     print(f"removed {len(removed)} stale namespace(s)")
     return 0
 
 
-def _is_lab_process(pid: int) -> bool:
+def _owner(workdir: Path) -> int:
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return any(part.endswith(b"deploy/lab") for part in cmdline)
+        return int((workdir / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {','.join(DEFAULT_STEPS)})",
     )
     sub.add_parser("up", help="build the lab and keep it until Ctrl-C")
-    sub.add_parser("down", help="remove what a crashed lab left behind")
+    sub.add_parser("down", help="remove what a killed or crashed lab left behind")
     return p
 
 
