@@ -54,6 +54,8 @@ FLOWS = 1000
 #: Most loss a rate may have and still count as carried.
 LOSS_THRESHOLD = 0.01
 TARGETS = {"c_vs_kernel": 0.9, "c_vs_python": 4.0}
+#: Slowest paced probe of the loss-free search.
+MIN_PROBE_PPS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,24 +148,25 @@ def search_loss_free(
     lab: Lab, sink: Sink, size: int, settings: Settings, saturation: Window
 ) -> tuple[float, bool, list[tuple[int, Window]]]:
     """Highest forwarded rate with at most LOSS_THRESHOLD loss: a geometric bisection of
-    the offered rate between 0 and the generator's flat-out rate, starting at the
-    saturated forwarded rate. Returns (rate, generator-limited?, probes)."""
-    top = saturation.generated_pps
+    the offered rate below the generator's flat-out rate, starting at the saturated
+    forwarded rate. Returns (rate, generator-limited?, probes)."""
+    top = max(saturation.generated_pps, 2 * MIN_PROBE_PPS)
     probes: list[tuple[int, Window]] = []
     lo_rate, hi_rate = 0.0, top
     best = 0.0
-    target = max(1.0, min(saturation.forwarded_pps, top))
+    target = min(max(saturation.forwarded_pps, top / 64), top)
     for _ in range(settings.search_steps):
-        window = lab.measure(sink, size, settings.probe_seconds, settings.ramp, int(target))
-        probes.append((int(target), window))
+        rate = max(MIN_PROBE_PPS, int(target))
+        window = lab.measure(sink, size, settings.probe_seconds, settings.ramp, rate)
+        probes.append((rate, window))
         if window.loss <= LOSS_THRESHOLD:
             best = max(best, window.forwarded_pps)
-            lo_rate = target
+            lo_rate = rate
         else:
-            hi_rate = min(hi_rate, target)
-        if lo_rate >= 0.98 * top:
+            hi_rate = min(hi_rate, rate)
+        if lo_rate >= 0.98 * top or hi_rate <= MIN_PROBE_PPS:
             break
-        target = math.sqrt(max(lo_rate, hi_rate / 16) * hi_rate)
+        target = math.sqrt(lo_rate * hi_rate) if lo_rate else hi_rate / 4
     if best == 0.0:
         # Nothing passed: report the best that came out (still a measured rate).
         best = max(w.forwarded_pps for _, w in probes)
