@@ -22,7 +22,14 @@ from types import FrameType
 
 from deploy.labkit.bird import bird_missing
 from deploy.labkit.netns import netns_unavailable, remove_stale_namespaces
-from deploy.labkit.scenario import DEFAULT_STEPS, MODES, ModeRun, RouteMonitor, ScenarioOptions
+from deploy.labkit.scenario import (
+    DEFAULT_STEPS,
+    MODES,
+    ModeRun,
+    RouteMonitor,
+    ScenarioOptions,
+    run_mode,
+)
 from deploy.labkit.topology import Lab, LabSize
 
 __all__ = ["main", "run_lab"]
@@ -111,8 +118,6 @@ def run_lab(
                 monitor = RouteMonitor(lab)
                 try:
                     for mode in modes:
-                        from deploy.labkit.scenario import run_mode
-
                         runs.append(run_mode(lab, mode, opts, monitor, log))
                 finally:
                     monitor.close()

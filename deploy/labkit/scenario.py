@@ -166,8 +166,17 @@ class _Traffic:
         )
         self.progress: dict[str, Any] = {}
         self.errors: list[str] = []
-        self._thread = threading.Thread(target=self._read, name="traffic-progress", daemon=True)
-        self._thread.start()
+        self._report: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._read, name="traffic-progress", daemon=True),
+            threading.Thread(target=self._read_report, name="traffic-report", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _read_report(self) -> None:
+        assert self.proc.stdout is not None
+        self._report.append(self.proc.stdout.read())
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -196,13 +205,13 @@ class _Traffic:
         """SIGTERM: the client closes every connection and prints its report."""
         if self.proc.poll() is None:
             self.proc.terminate()
-        assert self.proc.stdout is not None
-        out = self.proc.stdout.read()
         try:
             self.proc.wait(timeout)
         finally:
             self.ns.stop(self.proc)
-        self._thread.join(timeout=2)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        out = "".join(self._report)
         if not out.strip():
             raise RuntimeError("traffic client printed no report:\n" + "\n".join(self.errors[-20:]))
         flows: list[dict[str, Any]] = json.loads(out)
