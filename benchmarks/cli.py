@@ -1,7 +1,7 @@
 """`python -m benchmarks run|list`: run registered benchmarks, print tables or one JSON object.
 
     python -m benchmarks run [--quick] [--out DIR] [--json] [--only NAME[,NAME...]]
-                             [--seconds S] [--rounds N]
+                             [--seconds S] [--rounds N] [--profile]
 
 Progress (one line per step, with an ETA) goes to stderr; stdout carries the tables, or with
 --json exactly one JSON object keyed by benchmark name.
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", help="comma-separated benchmark names")
     run.add_argument("--seconds", type=float, help="override each measurement's duration")
     run.add_argument("--rounds", type=int, help="override the number of interleaved rounds")
+    run.add_argument(
+        "--profile", action="store_true", help="also record perf profiles into --out (fastpath)"
+    )
     sub.add_parser("list", help="list the benchmarks")
     return p
 
@@ -66,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds is not None and args.rounds < 1:
         print("--rounds must be at least 1", file=sys.stderr)
         return 2
-    options = RunOptions(args.quick, args.seconds, args.rounds, args.out)
+    if args.profile and args.out is None:
+        print("--profile needs --out", file=sys.stderr)
+        return 2
+    options = RunOptions(args.quick, args.seconds, args.rounds, args.out, args.profile)
     progress = Progress()
     for name in names:
         progress.add(name, REGISTRY[name].plan(options))

@@ -9,7 +9,9 @@ Peers, interleaved round by round on the namespace lab of `fastpath_lab` (genera
   to the forwarder CPU), f-in's receive softirq on the same CPU (RPS), like the kernel peer.
 * `c_2workers`: `workers = 2` (PACKET_FANOUT), RPS over every CPU, workers not pinned.
 * Full runs only: `kernel_norps` and `c_norps`, the same with f-in's receive softirq left on
-  the generator's CPU (veth delivers on the sender's CPU without RPS).
+  the generator's CPU (veth delivers on the sender's CPU without RPS); `c_nftdrop`, as `c`
+  with an nftables netdev rule dropping the VIP frames after the ring saw them, so the host's
+  own IPv4 input never runs for them (a deployment option, measured for its gain).
 
 Flows are pinned first (a SYN per flow, `Lab.warm`), then the generator sends ACKs of those
 flows, so every packet is a table hit. For each peer and packet size two numbers are measured:
@@ -28,13 +30,15 @@ from __future__ import annotations
 
 import math
 import platform
+import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import pktgen, snapshot
+from benchmarks import pktgen, profiling, snapshot
 from benchmarks.fastpath_lab import NICE_LEVEL, Lab, Sink, Window
 from benchmarks.framework import (
     Benchmark,
@@ -71,6 +75,8 @@ class Peer:
     workers: int = 1
     quick: bool = True
     """Also measured with --quick."""
+    drop_after_taps: bool = False
+    """nftables drops the VIP frames on f-in after the packet taps (`Lab.use_forwarder`)."""
 
 
 PEERS = (
@@ -99,6 +105,15 @@ PEERS = (
         quick=False,
     ),
     Peer(
+        "c_nftdrop",
+        "daemon",
+        True,
+        "as c, and nftables drops VIP frames on f-in after the ring saw them (no IPv4 input)",
+        "c",
+        quick=False,
+        drop_after_taps=True,
+    ),
+    Peer(
         "c_norps",
         "daemon",
         False,
@@ -123,14 +138,19 @@ class Settings:
 
     @classmethod
     def of(cls, options: RunOptions) -> Settings:
-        seconds = options.pick_seconds(0.8, 2.0)
+        seconds = options.pick_seconds(0.8, 1.5)
         return cls(
             rounds=options.pick_rounds(2, 3),
             seconds=seconds,
-            probe_seconds=seconds / 2,
+            probe_seconds=seconds * 2 / 3,
             ramp=min(0.3, max(0.1, seconds / 3)),
-            search_steps=4 if options.quick else 6,
-            peers=tuple(p for p in PEERS if p.quick or not options.quick),
+            search_steps=4 if options.quick else 5,
+            peers=tuple(
+                p
+                for p in PEERS
+                if (p.quick or not options.quick)
+                and (not p.drop_after_taps or shutil.which("nft") is not None)
+            ),
         )
 
 
@@ -206,13 +226,89 @@ class FastpathBenchmark(Benchmark):
             ctx.step(
                 f"lab up (generator CPU {lab.gen_cpu}, forwarder CPU {lab.fwd_cpu}, {FLOWS} flows)"
             )
+            profiles: dict[str, dict[str, Any]] = {}
             try:
                 for rnd in range(settings.rounds):
                     for peer in settings.peers:
                         self._run_peer(ctx, lab, peer, rnd, settings, results)
+                out = ctx.options.out
+                if ctx.options.profile and out is not None:
+                    if profiling.available():
+                        profiles = self._profile(ctx, lab, settings, results, out)
+                    else:
+                        ctx.note("--profile: perf is missing or cannot record here")
             finally:
                 lab.stop_daemon()
-        return build_report(results, settings, tree)
+        report = build_report(results, settings, tree)
+        if profiles:
+            report.data["profiles"] = profiles
+            report.notes.append(
+                "profiles (perf, forwarder CPU, paced at 70% of the loss-free rate): "
+                + ", ".join(f"{p['file']}" for p in profiles.values())
+            )
+        return report
+
+    def _setup_peer(self, lab: Lab, peer: Peer) -> None:
+        if peer.kind == "kernel":
+            lab.stop_daemon()
+            lab.use_kernel(peer.rps is True)
+        else:
+            lab.use_forwarder(peer.rps, peer.drop_after_taps)
+            lab.start_daemon(peer.impl, peer.workers)
+
+    def _profile(
+        self,
+        ctx: Context,
+        lab: Lab,
+        settings: Settings,
+        results: dict[str, dict[int, list[SizeResult]]],
+        out: Path,
+    ) -> dict[str, dict[str, Any]]:
+        """perf profile of the forwarder CPU for each single-CPU peer at 70% of its median
+        loss-free rate (64 B), written to out/profile-fastpath-PEER.txt."""
+        out.mkdir(parents=True, exist_ok=True)
+        size = SIZES[0]
+        done: dict[str, dict[str, Any]] = {}
+        for peer in settings.peers:
+            if peer.workers != 1 or peer.rps is not True or peer.name not in results:
+                continue
+            rate = int(0.7 * _stats(results[peer.name][size], "ndr").median)
+            self._setup_peer(lab, peer)
+            try:
+                lab.warm()
+                sink = lab.sink_for(size)
+                data = out / f"perf-fastpath-{peer.name}.data"
+                try:
+                    with lab.blast(size, rate) as gen:
+                        time.sleep(settings.ramp)
+                        a = lab.sample(sink, gen)
+                        recorder = profiling.start(lab.fwd_cpu, data)
+                        time.sleep(max(2.0, settings.seconds))
+                        profiling.stop(recorder)
+                        b = lab.sample(sink, gen)
+                finally:
+                    sink.close()
+            finally:
+                lab.stop_daemon()
+            window = Window.between(a, b)
+            text = profiling.summarize(data)
+            path = out / f"profile-fastpath-{peer.name}.txt"
+            head = (
+                f"# {peer.name}: {peer.describe}\n# paced at {rate:,} pps ({size} B), forwarded "
+                f"{window.forwarded_pps:,.0f} pps, loss {window.loss:.2%}, forwarder CPU "
+                f"{lab.fwd_cpu} busy {window.cpu_busy.get(f'cpu{lab.fwd_cpu}', 0):.0%} "
+                f"(softirq {window.cpu_softirq.get(f'cpu{lab.fwd_cpu}', 0):.0%}), daemon "
+                f"{window.forwarder_cpu:.2f} CPU\n\n"
+            )
+            path.write_text(head + text)
+            done[peer.name] = {
+                "file": str(path),
+                "paced_pps": rate,
+                "forwarded_pps": round(window.forwarded_pps),
+                "forwarder_process_cpu": round(window.forwarder_cpu, 3),
+            }
+            ctx.note(f"profile of {peer.name} at {rate:,} pps: {path}")
+        return done
 
     def _run_peer(
         self,
@@ -224,12 +320,7 @@ class FastpathBenchmark(Benchmark):
         results: dict[str, dict[int, list[SizeResult]]],
     ) -> None:
         tag = f"round {rnd + 1}/{settings.rounds} {peer.name}"
-        if peer.kind == "kernel":
-            lab.stop_daemon()
-            lab.use_kernel(peer.rps is True)
-        else:
-            lab.use_forwarder(peer.rps)
-            lab.start_daemon(peer.impl, peer.workers)
+        self._setup_peer(lab, peer)
         try:
             bursts = lab.warm()
             ctx.step(f"{tag}: {FLOWS} flows pinned ({bursts} SYN burst(s))")
@@ -283,14 +374,19 @@ def build_report(
     ratios: dict[str, dict[str, float]] = {}
     for s in map(str, SIZES):
         r: dict[str, float] = {}
-        for a, b in (("c", "kernel"), ("c", "python"), ("c_2workers", "c"), ("python", "kernel")):
+        pairs = (
+            ("c", "kernel"),
+            ("c", "python"),
+            ("c_2workers", "c"),
+            ("python", "kernel"),
+            ("c_nftdrop", "kernel"),
+            ("c_nftdrop", "c"),
+            ("c_norps", "kernel_norps"),
+        )
+        for a, b in pairs:
             if a in pps and b in pps:
                 r[f"{a}_vs_{b}"] = round(ratio(pps[a][s], pps[b][s]), 3)
                 r[f"saturation_{a}_vs_{b}"] = round(ratio(sat[a][s], sat[b][s]), 3)
-        if "kernel_norps" in pps and "c_norps" in pps:
-            r["c_norps_vs_kernel_norps"] = round(
-                ratio(pps["c_norps"][s], pps["kernel_norps"][s]), 3
-            )
         ratios[s] = r
     head = ratios[str(SIZES[0])]
     limited = {

@@ -286,17 +286,33 @@ class Lab:
 
     def use_kernel(self, rps: bool) -> None:
         """Route the VIP through f-out with ip_forward=1; RPS of f-in on the forwarder CPU."""
+        self.set_drop_after_taps(False)
         self.fwd.ip("route", "replace", f"{VIP}/32", "via", NEXT_HOP4, "dev", "f-out")
         self.fwd.set_sysctl("net.ipv4.ip_forward", 1)
         self.set_rps(rps)
         self.kernel_routing = True
 
-    def use_forwarder(self, rps: bool | str = False) -> None:
-        """The forwarder host does not route the VIP: blackholed, ip_forward=0."""
+    def use_forwarder(self, rps: bool | str = False, drop_after_taps: bool = False) -> None:
+        """The forwarder host does not route the VIP: blackholed, ip_forward=0.
+
+        `drop_after_taps`: an nftables netdev ingress rule drops VIP frames on f-in after the
+        packet sockets (the forwarder's ring) saw them, so the host's IPv4 input (early demux,
+        route lookup, dst alloc/free) never runs for them.
+        """
         self.fwd.set_sysctl("net.ipv4.ip_forward", 0)
         self.fwd.ip("route", "replace", "blackhole", f"{VIP}/32")
         self.set_rps(rps)
+        self.set_drop_after_taps(drop_after_taps)
         self.kernel_routing = False
+
+    def set_drop_after_taps(self, on: bool) -> None:
+        self.fwd.run(["nft", "delete", "table", "netdev", "fsbench"], check=False)
+        if on:
+            rules = (
+                "table netdev fsbench {\n chain taps_saw_it {\n  type filter hook ingress "
+                'device "f-in" priority 0;\n' + f"  ip daddr {VIP} drop\n }}\n}}\n"
+            )
+            self.fwd.run(["nft", "-f", "-"], input=rules)
 
     def set_rps(self, on: bool | str) -> None:
         """RPS of f-in: off, on the forwarder CPU (True), or "all" CPUs."""

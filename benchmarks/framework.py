@@ -52,6 +52,8 @@ class RunOptions:
     """Override of the number of interleaved rounds."""
     out: Path | None = None
     """Where JSON, Markdown and plots go (None: nowhere)."""
+    profile: bool = False
+    """Also record CPU profiles (`perf`) where a benchmark supports it, into `out`."""
 
     def pick_seconds(self, quick: float, full: float) -> float:
         return self.seconds if self.seconds is not None else quick if self.quick else full
