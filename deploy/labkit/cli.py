@@ -28,6 +28,7 @@ from deploy.labkit.scenario import (
     ModeRun,
     RouteMonitor,
     ScenarioOptions,
+    check_steps,
     run_mode,
 )
 from deploy.labkit.topology import Lab, LabSize
@@ -145,6 +146,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         impl=args.impl,
         **tuning,
     )
+    size = LabSize()
+    problem = check_steps(opts.steps, size.pops, size.backends)
+    if args.connections < 1 or args.udp_flows < 0 or args.interval <= 0:
+        problem = "--connections must be >= 1, --udp-flows >= 0, --interval > 0"
+    if problem:
+        print(f"{PROG}: {problem}", file=sys.stderr)
+        return 2
     problem = preflight(opts.impl)
     if problem:
         print(f"{PROG}: cannot run: {problem} (deploy/demo installs everything)", file=sys.stderr)
@@ -155,7 +163,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if text:
             print(text, file=out, flush=True)
 
-    runs = run_lab(modes, opts, log=log, keep_workdir=args.keep)
+    runs = run_lab(modes, opts, size=size, log=log, keep_workdir=args.keep)
     summaries = {run.mode: summarize(run) for run in runs}
     args.out.mkdir(parents=True, exist_ok=True)
     options = {**vars(args), "out": str(args.out), "scenario": opts.__dict__}

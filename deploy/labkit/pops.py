@@ -235,15 +235,15 @@ class PopSite:
 
         return asyncio.run(call())
 
-    def warm_store(self) -> bool:
+    def warm_store(self, attempts: int = 10, pause: float = 0.3) -> bool:
         """Make the forwarder open its connections to every Redis master before it gets traffic.
 
         The store client dials a master on first use, so the first lookups of a (re)started
         forwarder would pay TCP connect + AUTH inside their deadline. One `flow` request (a
         store lookup) per twelfth of the slot space reaches every master of any cluster of up
-        to 12 masters with contiguous slot ranges. True if the store answered them all.
+        to 12 masters with contiguous slot ranges. True once the store answered them all.
         """
-        from flowstate.control_client import ControlClient
+        from flowstate.control_client import ControlClient, ControlError
 
         async def warm() -> bool:
             async with await ControlClient.connect(self.control_socket, timeout=5.0) as client:
@@ -253,7 +253,15 @@ class PopSite:
                         return False
             return True
 
-        return asyncio.run(warm())
+        for attempt in range(attempts):
+            try:
+                if asyncio.run(warm()):
+                    return True
+            except ControlError:
+                pass
+            if attempt + 1 < attempts:
+                time.sleep(pause)
+        return False
 
     def core_counters(self) -> dict[str, int]:
         """The slow path's and the store client's ("store." + name) counters of every worker,

@@ -100,6 +100,7 @@ def summarize(run: ModeRun) -> dict[str, Any]:
         "forwarder_starts": run.forwarder_starts,
         "store": store if run.counters else None,
         "duration_s": round(run.t_end - run.t0, 1),
+        "client_paused_s": round(sum(b - a for a, b in run.client_pauses), 2),
         "events": [
             {"t": round(e.t - run.t0, 2), "kind": e.kind, "label": e.label} for e in run.events
         ],
@@ -145,6 +146,7 @@ def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:
         ("store lookups (local misses)", [store(s, "lookups") for s in summaries.values()]),
         ("  found in the store", [store(s, "lookup_hits") for s in summaries.values()]),
         ("  Maglev fallbacks", [store(s, "fallbacks") for s in summaries.values()]),
+        ("client process paused (s)", [str(s["client_paused_s"]) for s in summaries.values()]),
     ]
     width = max(len(label) for label, _ in rows) + 2
     col = max(10, *(len(m) + 2 for m in modes))

@@ -35,6 +35,7 @@ __all__ = [
     "ModeRun",
     "RouteMonitor",
     "ScenarioOptions",
+    "check_steps",
     "run_mode",
 ]
 
@@ -94,6 +95,8 @@ class ModeRun:
     forwarder_starts: int = 0
     backend_changes: int = 0
     policy_moves: int = 0
+    client_pauses: list[list[float]] = field(default_factory=list)
+    """[start, end] of each time the client process was not scheduled (excluded from gaps)."""
 
     def note(self, kind: str, label: str) -> Event:
         event = Event(time.monotonic(), kind, label)
@@ -201,7 +204,7 @@ class _Traffic:
             f"{p.get('stalled', 0)} stalled, {p.get('failed', 0)} failed"
         )
 
-    def finish(self, timeout: float) -> list[dict[str, Any]]:
+    def finish(self, timeout: float) -> tuple[list[dict[str, Any]], list[list[float]]]:
         """SIGTERM: the client closes every connection and prints its report."""
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -214,8 +217,8 @@ class _Traffic:
         out = "".join(self._report)
         if not out.strip():
             raise RuntimeError("traffic client printed no report:\n" + "\n".join(self.errors[-20:]))
-        flows: list[dict[str, Any]] = json.loads(out)
-        return flows
+        report: dict[str, Any] = json.loads(out)
+        return report["flows"], report["pauses"]
 
 
 class _ModeDriver:
@@ -244,6 +247,7 @@ class _ModeDriver:
         pop.start_forwarder(config, self.lab.redis_password)
         with self._lock:
             self.run.forwarder_starts += 1
+        # Announced only once it reaches every Redis master (see PopSite.warm_store).
         if self.mode == "flowstate" and not pop.warm_store():
             self.log(f"    warning: {pop.name}: the store did not answer the warm-up lookups")
         self.log(f"    {pop.name}: forwarder ready in {time.monotonic() - started:.2f}s")
@@ -380,6 +384,22 @@ class _ModeDriver:
         self.say(self.run.note("restart", f"{pop.name}: {what} back, announced"))
 
 
+def check_steps(steps: tuple[str, ...], pops: int, backends: int) -> str | None:
+    """What is wrong with a step list for a lab of this size, or None."""
+    for step in steps:
+        kind, _, arg = step.partition(":")
+        if kind == "crash" and not arg:
+            continue
+        if kind == "move" and arg in {f"pop{k}" for k in range(1, pops + 1)}:
+            continue
+        if kind in ("add", "drain") and arg.isdigit() and 1 <= int(arg) <= backends:
+            if kind == "add" and int(arg) in INITIAL_BACKENDS:
+                return f"{step}: b{arg} is configured from the start; add b{backends}"
+            continue
+        return f"{step!r} is not move:pop1..pop{pops}, add:N, drain:N (1..{backends}) or crash"
+    return None
+
+
 def run_mode(
     lab: Lab, mode: str, opts: ScenarioOptions, monitor: RouteMonitor, log: Log
 ) -> ModeRun:
@@ -405,7 +425,7 @@ def run_mode(
             driver.step(step)
             time.sleep(opts.gap)
         run.t_end = time.monotonic()
-        run.flows = traffic.finish(timeout=opts.stall * 3 + 10)
+        run.flows, run.client_pauses = traffic.finish(timeout=opts.stall * 3 + 10)
         driver.traffic = None
         log(f"  [{mode}] done: {_count(run.flows)}")
     finally:

@@ -1,7 +1,8 @@
 """The lab's clients: many long-lived HTTP keep-alive connections and UDP flows to the VIPs.
 
 `python -m deploy.labkit.traffic ...` runs in the client namespace until SIGTERM, then closes
-every connection cleanly and prints one JSON document: a record per connection and per UDP flow.
+every connection cleanly and prints one JSON document: a record per connection and per UDP flow,
+and when this process itself was paused (not given the CPU; not counted as network silence).
 While running it prints a JSON progress line to stderr every half second.
 Times are CLOCK_MONOTONIC seconds, the same clock as the lab runner's.
 """
@@ -18,10 +19,13 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["FlowResult", "TrafficOptions", "main", "run"]
+__all__ = ["FlowResult", "PauseClock", "TrafficOptions", "main", "run"]
+
+T = TypeVar("T")
 
 # How a TCP connection ended. "running" never leaves the process.
 COMPLETED, RESET, STALLED, FAILED, RUNNING = "completed", "reset", "stalled", "failed", "running"
@@ -97,19 +101,62 @@ def _content_length(head: bytes) -> int:
     return 0
 
 
-def _answered(rec: FlowResult, backend: str, now: float) -> None:
+class PauseClock:
+    """When this process's event loop did not run (the machine gave it no CPU).
+
+    A silence the client sat through while it was paused is not the network's: stalls and gaps
+    are measured in running time. The pauses are reported, so none of this is hidden.
+    """
+
+    def __init__(self, tick: float = 0.02, threshold: float = 0.2) -> None:
+        self.tick = tick
+        self.threshold = threshold
+        self.pauses: list[tuple[float, float]] = []
+
+    async def watch(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(self.tick)
+            now = time.monotonic()
+            if now - last > self.tick + self.threshold:
+                self.pauses.append((last + self.tick, now))
+            last = now
+
+    def running(self, start: float, end: float) -> float:
+        """Seconds of [start, end] this process was not paused."""
+        paused = sum(max(0.0, min(end, b) - max(start, a)) for a, b in self.pauses[-64:])
+        return max(0.0, end - start - paused)
+
+    async def within(self, aw: Awaitable[T], limit: float) -> T:
+        """`aw`'s result, or TimeoutError once it took `limit` seconds of running time."""
+        task = asyncio.ensure_future(aw)
+        start = time.monotonic()
+        while True:
+            left = limit - self.running(start, time.monotonic())
+            if left <= 0:
+                task.cancel()
+                raise TimeoutError
+            done, _ = await asyncio.wait({task}, timeout=left)
+            if done:
+                return task.result()
+
+
+def _answered(rec: FlowResult, backend: str, now: float, clock: PauseClock) -> None:
     if rec.last_backend and backend != rec.last_backend:
         rec.switches += 1
     rec.last_backend = backend
     rec.backends[backend] = rec.backends.get(backend, 0) + 1
     rec.requests += 1
-    if rec.last_progress and now - rec.last_progress > rec.max_gap:
-        rec.max_gap = now - rec.last_progress
+    gap = clock.running(rec.last_progress, now) if rec.last_progress else 0.0
+    if gap > rec.max_gap:
+        rec.max_gap = gap
         rec.max_gap_end = now
     rec.last_progress = now
 
 
-async def _tcp(opts: TrafficOptions, rec: FlowResult, vip: str, stop: asyncio.Event) -> None:
+async def _tcp(
+    opts: TrafficOptions, rec: FlowResult, vip: str, stop: asyncio.Event, clock: PauseClock
+) -> None:
     host = f"[{vip}]" if ":" in vip else vip
     writer: asyncio.StreamWriter | None = None
     rec.start = time.monotonic()
@@ -127,9 +174,9 @@ async def _tcp(opts: TrafficOptions, rec: FlowResult, vip: str, stop: asyncio.Ev
                 # socket) has closed the transport already; the reader holds the error.
                 raise reader.exception() or ConnectionResetError("closed while idle")
             stream.write(f"GET /{rec.id}/{n} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), opts.stall)
-            body = await asyncio.wait_for(reader.readexactly(_content_length(head)), opts.stall)
-            _answered(rec, str(json.loads(body)["backend"]), time.monotonic())
+            head = await clock.within(reader.readuntil(b"\r\n\r\n"), opts.stall)
+            body = await clock.within(reader.readexactly(_content_length(head)), opts.stall)
+            _answered(rec, str(json.loads(body)["backend"]), time.monotonic(), clock)
             n += 1
             pause = opts.interval * random.uniform(0.5, 1.5)
             if not stop.is_set():
@@ -158,22 +205,25 @@ async def _tcp(opts: TrafficOptions, rec: FlowResult, vip: str, stop: asyncio.Ev
 
 
 class _UdpClient(asyncio.DatagramProtocol):
-    def __init__(self, rec: FlowResult) -> None:
+    def __init__(self, rec: FlowResult, clock: PauseClock) -> None:
         self.rec = rec
+        self.clock = clock
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         now = time.monotonic()
         if self.rec.established is None:
             self.rec.established = now
-        _answered(self.rec, data.split(b" ", 1)[0].decode(errors="replace"), now)
+        _answered(self.rec, data.split(b" ", 1)[0].decode(errors="replace"), now, self.clock)
 
 
-async def _udp(opts: TrafficOptions, rec: FlowResult, vip: str, stop: asyncio.Event) -> None:
+async def _udp(
+    opts: TrafficOptions, rec: FlowResult, vip: str, stop: asyncio.Event, clock: PauseClock
+) -> None:
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if rec.family == 6 else socket.AF_INET
     rec.start = rec.last_progress = time.monotonic()
     transport, _ = await loop.create_datagram_endpoint(
-        lambda: _UdpClient(rec),
+        lambda: _UdpClient(rec, clock),
         local_addr=(rec.src, 0),
         remote_addr=(vip, opts.udp_port),
         family=family,
@@ -190,7 +240,8 @@ async def _udp(opts: TrafficOptions, rec: FlowResult, vip: str, stop: asyncio.Ev
     finally:
         transport.close()
         rec.end = time.monotonic()
-        rec.max_gap = max(rec.max_gap, rec.end - rec.last_progress - opts.udp_interval * 3)
+        tail = clock.running(rec.last_progress, rec.end) - opts.udp_interval * 3
+        rec.max_gap = max(rec.max_gap, tail)
         if rec.max_gap >= opts.stall or rec.established is None:
             rec.status = STALLED
         elif len(rec.backends) > 1:
@@ -212,17 +263,18 @@ def _progress(results: list[FlowResult]) -> dict[str, Any]:
     return counts
 
 
-async def run(opts: TrafficOptions, stop: asyncio.Event) -> list[FlowResult]:
+async def run(opts: TrafficOptions, stop: asyncio.Event, clock: PauseClock) -> list[FlowResult]:
     """Open every connection and flow, keep them busy until `stop`, close them, report."""
     results: list[FlowResult] = []
     tasks: list[asyncio.Task[None]] = []
+    watcher = asyncio.create_task(clock.watch())
     for i in range(opts.conns + opts.udp_flows):
         kind = "tcp" if i < opts.conns else "udp"
         family, src, vip = _source(opts, i)
         rec = FlowResult(id=i, kind=kind, family=family, src=src)
         results.append(rec)
-        job = _tcp(opts, rec, vip, stop) if kind == "tcp" else _udp(opts, rec, vip, stop)
-        tasks.append(asyncio.create_task(job))
+        flow = _tcp if kind == "tcp" else _udp
+        tasks.append(asyncio.create_task(flow(opts, rec, vip, stop, clock)))
         if opts.ramp > 0:
             await asyncio.sleep(opts.ramp / (opts.conns + opts.udp_flows))
 
@@ -234,6 +286,7 @@ async def run(opts: TrafficOptions, stop: asyncio.Event) -> list[FlowResult]:
     reporter = asyncio.create_task(report())
     await asyncio.gather(*tasks)
     reporter.cancel()
+    watcher.cancel()
     print(json.dumps(_progress(results)), file=sys.stderr, flush=True)
     return results
 
@@ -283,15 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
 
+    clock = PauseClock()
+
     async def go() -> list[FlowResult]:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        return await run(opts, stop)
+        return await run(opts, stop, clock)
 
     results = asyncio.run(go())
-    json.dump([asdict(r) for r in results], sys.stdout)
+    json.dump({"flows": [asdict(r) for r in results], "pauses": clock.pauses}, sys.stdout)
     sys.stdout.write("\n")
     return 0
 
