@@ -61,7 +61,8 @@ def _session(name: str, local: str, neighbor: str, local_as: int, peer_as: int, 
         f"protocol bgp {name} {{\n"
         f"  local {local} as {local_as};\n"
         f"  neighbor {neighbor} as {peer_as};\n"
-        "  hold time 9; keepalive time 3; connect retry time 1; error wait time 1, 5;\n"
+        "  hold time 9; keepalive time 3; connect delay time 1; connect retry time 1;\n"
+        "  error wait time 1, 5;\n"
         f"{body}}}\n"
     )
 
