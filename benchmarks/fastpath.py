@@ -432,8 +432,8 @@ def build_report(
     for p in peers:
         row = [p.name, _rps_text(p.rps)]
         for s in map(str, SIZES):
-            mark = " *" if int(s) in limited[p.name] else ""
-            row += [_cell(pps[p.name][s]) + mark, _fmt(sat[p.name][s].median)]
+            star = " *" if int(s) in limited[p.name] else ""
+            row += [_cell(pps[p.name][s]) + star, _fmt(sat[p.name][s].median)]
             row += [_fmt(gen[p.name][s].median)]
         rows.append(row)
     notes = [
@@ -442,9 +442,14 @@ def build_report(
         "* generator-limited in at least one round: the peer carried all the generator could "
         "offer, so its number is a lower bound",
     ]
+
+    def bounded(key: str, size: str) -> str:
+        a, _, b = key.removeprefix("saturation_").partition("_vs_")
+        return " (lower bounds)" if int(size) in limited[a] + limited[b] else ""
+
     for s in map(str, SIZES):
         r = ratios[s]
-        parts = [f"{k} {v:.2f}" for k, v in r.items() if not k.startswith("saturation_")]
+        parts = [f"{k} {v:.2f}{bounded(k, s)}" for k, v in r.items() if "saturation_" not in k]
         notes.append(f"ratios {s} B (loss-free): " + ", ".join(parts))
         parts = [f"{k[11:]} {v:.2f}" for k, v in r.items() if k.startswith("saturation_")]
         notes.append(f"ratios {s} B (saturated): " + ", ".join(parts))

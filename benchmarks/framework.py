@@ -111,8 +111,10 @@ class Progress:
         total = sum(p.seconds for p in self._plans.values())
         done = self._planned_done()
         elapsed = time.monotonic() - self._start
-        speed = elapsed / done if done > 0 else 1.0
-        return max(0.0, (total - done) * speed)
+        # Trust the observed speed only as the run progresses (first steps are set-up).
+        weight = min(1.0, 4 * done / total) if total > 0 else 1.0
+        observed = elapsed / done if done > 0 else 1.0
+        return max(0.0, (total - done) * ((1 - weight) + weight * observed))
 
     def step(self, name: str, message: str) -> None:
         self._done[name] = self._done.get(name, 0) + 1
