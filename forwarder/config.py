@@ -219,6 +219,14 @@ class BackendConfig:
     """Relative share of new flows, 0..65535; 0 takes no new flows."""
     state: BackendState = BackendState.ACTIVE
     """``draining`` keeps existing pinnings but takes no new flows."""
+    check_address: IPAddress | None = None
+    """Where health checks connect (IPv4 or IPv6); None: `address`. Set it when `address` is
+    not a local address of the backend (seg6local decapsulation routes it, no socket owns it)."""
+
+    @property
+    def check_target(self) -> IPAddress:
+        """The address health checks connect to."""
+        return self.address if self.check_address is None else self.check_address
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -259,8 +267,8 @@ class ControlConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HealthConfig:
     kind: HealthKind = HealthKind.TCP
-    """``tcp`` (connect), ``http`` (GET `path`, expect 2xx) or ``none``. Without a [health]
-    section no checks run (``none``)."""
+    """``tcp`` (connect), ``http`` (GET `path`, expect 2xx or 3xx) or ``none``. Without a
+    [health] section no checks run (``none``)."""
     interval_ms: int = 1000
     """Time between checks of one backend."""
     timeout_ms: int = 500
@@ -273,6 +281,14 @@ class HealthConfig:
     """Port checked on the backend's address; None for the VIP's port."""
     path: str = "/"
     """Request path of ``http`` checks."""
+    repin_after_ms: int | None = None
+    """Flows pinned to a backend that stays down this long are moved to a healthy one (they
+    keep going to it before: a short outage must not break them); None: 10 x `interval_ms`."""
+
+    @property
+    def repin_after(self) -> int:
+        """`repin_after_ms` with its default applied."""
+        return 10 * self.interval_ms if self.repin_after_ms is None else self.repin_after_ms
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -519,6 +535,11 @@ def _parse_vip(s: _Section, source: ipaddress.IPv6Address) -> VipConfig:
                 "address": addr,
                 "weight": b.integer("weight", 0, 65535),
                 "state": b.choice("state", BackendState),
+                "check_address": (
+                    b.address("check_address", "a check address", ipv6_only=False)
+                    if "check_address" in b.data
+                    else None
+                ),
             },
         )
         backends.append(backend)
@@ -562,6 +583,7 @@ def _parse_health(s: _Section) -> HealthConfig:
             "fall": s.integer("fall", 1, 1000),
             "port": s.integer("port", 1, 65535),
             "path": s.string("path"),
+            "repin_after_ms": s.integer("repin_after_ms", 0, 86_400_000),
         },
     )
     if h.timeout_ms > h.interval_ms:

@@ -344,3 +344,39 @@ def test_check_config_subprocess(tmp_path: Path) -> None:
     assert run.returncode == 1
     assert run.stderr.startswith("flowstate-forwarder: config error: ")
     assert "Traceback" not in run.stderr
+
+
+def test_check_address_defaults_to_the_backend_address() -> None:
+    data = tomllib.loads(MINIMAL)
+    backend = parse_config(data).vips[0].backends[0]
+    assert backend.check_address is None
+    assert backend.check_target == ipaddress.IPv6Address("fd00:b::1")
+    data["vip"][0]["backend"][0]["check_address"] = "10.3.0.21"
+    backend = parse_config(data).vips[0].backends[0]
+    assert backend.check_target == ipaddress.IPv4Address("10.3.0.21")
+    assert backend.address == ipaddress.IPv6Address("fd00:b::1")  # the tunnel is unchanged
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [("fd00:b::zz", "not an IPv4 or IPv6 address"), ("::1", "loopback"), (7, "a string")],
+)
+def test_bad_check_address_names_its_field(value: Any, reason: str) -> None:
+    data = tomllib.loads(MINIMAL)
+    data["vip"][0]["backend"][0]["check_address"] = value
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert info.value.field == "vip[0].backend[0].check_address"
+    assert reason in info.value.reason
+
+
+def test_repin_after_defaults_to_ten_intervals() -> None:
+    data = tomllib.loads(MINIMAL)
+    data["health"] = {"kind": "tcp", "interval_ms": 200, "timeout_ms": 100}
+    assert parse_config(data).health.repin_after == 2000
+    data["health"]["repin_after_ms"] = 500
+    assert parse_config(data).health.repin_after == 500
+    data["health"]["repin_after_ms"] = -1
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert info.value.field == "health.repin_after_ms"
