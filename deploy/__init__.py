@@ -1,1 +1,0 @@
-"""Deployment tools of flowstate: Redis Cluster scripts, backend set-up, the anycast lab."""
