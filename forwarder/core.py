@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -81,6 +81,8 @@ class StoreWork:
     """(flow, record, ttl_ms)"""
     writebacks: set[FlowT] = field(default_factory=set)
     """Pins of flows already forwarded without the store: on NX conflict keep ours."""
+    overwrites: set[FlowT] = field(default_factory=set)
+    """Pins whose stored record names a dead backend: delete that record, then pin."""
     touches: list[FlowT] = field(default_factory=list)
     releases: list[FlowT] = field(default_factory=list)
 
@@ -92,6 +94,7 @@ class StoreWork:
 class _Vip:
     vip_id: int
     backends: frozenset[int]  # backend_ids a stored record may name (active and draining)
+    usable: frozenset[int]  # those of `backends` not out of service (health checks)
 
 
 class ForwardingCore:
@@ -110,6 +113,7 @@ class ForwardingCore:
         self._in_flight: set[FlowT] = set()
         self._pins: OrderedDict[FlowT, int] = OrderedDict()  # flow → backend_id (NEW events)
         self._writeback: OrderedDict[FlowT, int] = OrderedDict()  # pins to retry after outage
+        self._overwrite: set[FlowT] = set()  # writebacks replacing a record of a dead backend
         self._touches: OrderedDict[FlowT, None] = OrderedDict()
         self._releases: OrderedDict[FlowT, None] = OrderedDict()
         self._tokens = float(config.max_writes_per_s)
@@ -127,6 +131,7 @@ class ForwardingCore:
                 "dropped_no_store",
                 "fallbacks",
                 "record_rejected",
+                "record_backend_down",
                 "pins",
                 "pins_adopted",
                 "pin_failed",
@@ -143,10 +148,23 @@ class ForwardingCore:
     # ---- configuration -------------------------------------------------------------------
 
     def set_vip(
-        self, vip_id: int, ip: bytes, port: int, proto: int, backends: Sequence[int]
+        self,
+        vip_id: int,
+        ip: bytes,
+        port: int,
+        proto: int,
+        backends: Sequence[int],
+        usable: Collection[int] | None = None,
     ) -> None:
-        """Declare a VIP and the backend_ids its stored records may name."""
-        self._vips[(ip, port, proto)] = _Vip(vip_id, frozenset(backends))
+        """Declare a VIP and the backend_ids its stored records may name.
+
+        `usable` (default: all of `backends`) leaves out backends that health checks found down
+        for longer than the re-pin grace: a record naming one of them is not followed; the flow
+        gets Maglev's choice, written over the dead record.
+        """
+        allowed = frozenset(backends)
+        ok = allowed if usable is None else allowed & frozenset(usable)
+        self._vips[(ip, port, proto)] = _Vip(vip_id, allowed, ok)
 
     def remove_vip(self, ip: bytes, port: int, proto: int) -> None:
         self._vips.pop((ip, port, proto), None)
@@ -228,6 +246,9 @@ class ForwardingCore:
         for source in (self._pins, self._writeback):
             while source and len(work.pins) < limit and self._tokens >= 1:
                 flow, backend_id = source.popitem(last=False)
+                overwrite = source is self._writeback and flow in self._overwrite
+                if overwrite:
+                    self._overwrite.discard(flow)
                 backend = self._backend_ips.get(backend_id)
                 if backend is None:
                     continue
@@ -235,6 +256,8 @@ class ForwardingCore:
                 work.pins.append((flow, rec, ttl))
                 if source is self._writeback:
                     work.writebacks.add(flow)
+                if overwrite:
+                    work.overwrites.add(flow)
                 self._tokens -= 1
         while self._releases and len(work.releases) < limit and self._tokens >= 1:
             work.releases.append(self._releases.popitem(last=False)[0])
@@ -266,7 +289,16 @@ class ForwardingCore:
         if vip is None or bid is None or bid not in vip.backends or rec.vip_ip != flow[3]:
             self.counters["record_rejected"] += 1
             return None
+        if bid not in vip.usable:
+            self.counters["record_backend_down"] += 1
+            return None
         return bid
+
+    def _names_dead_backend(self, flow: FlowT, rec: FlowRecord) -> bool:
+        """Whether `rec` names a backend of the flow's VIP that is out of service."""
+        vip = self._vips.get((flow[3], flow[4], flow[0]))
+        bid = self._backend_ids.get(rec.backend_ip)
+        return vip is not None and bid in vip.backends and bid not in vip.usable
 
     def _fallback(self, flow: FlowT) -> int:
         vip = self._vips.get((flow[3], flow[4], flow[0]))
@@ -310,6 +342,10 @@ class ForwardingCore:
                     # Not in the store (lost in a failover, or pinned during an outage):
                     # write our choice so that the next POP agrees with us.
                     self._remember_writeback(flow, backend_id)
+                    if rec is not None and self._names_dead_backend(flow, rec):
+                        # Its backend is dead: the flow moves for good, and so must the record
+                        # (NX alone would keep the dead one and send other POPs after it).
+                        self._overwrite.add(flow)
             if backend_id >= 0 and self.engine.lookup(flow) is None:
                 self.engine.install(flow, backend_id, now_ms)
             self._first_miss.pop(flow, None)
@@ -323,7 +359,7 @@ class ForwardingCore:
         self._writeback[flow] = backend_id
         self._writeback.move_to_end(flow)
         while len(self._writeback) > self.config.writeback_max:
-            self._writeback.popitem(last=False)
+            self._overwrite.discard(self._writeback.popitem(last=False)[0])
             self.counters["writeback_dropped"] += 1
 
     def on_pins(self, work: StoreWork, stored: Sequence[FlowRecord] | None, now_ms: int) -> None:
@@ -335,6 +371,8 @@ class ForwardingCore:
                 bid = self._backend_ids.get(rec.backend_ip)
                 if bid is not None:
                     self._remember_writeback(flow, bid)
+                    if flow in work.overwrites:
+                        self._overwrite.add(flow)
             return
         for (flow, ours, _ttl), theirs in zip(work.pins, stored, strict=True):
             if theirs.backend_ip == ours.backend_ip:

@@ -13,8 +13,8 @@ import ipaddress
 import logging
 import time
 from array import array
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from flowstate.errors import FlowstateError, StoreUnavailable
@@ -36,6 +36,9 @@ MAX_ROUNDS = 4
 STORE_RETRY_S = 1.0
 
 _T = TypeVar("_T")
+#: A VIP as (address, port, proto), and a backend of it: (VIP key, backend address).
+VipKey = tuple[bytes, int, int]
+BackendKey = tuple[VipKey, bytes]
 
 
 def monotonic_ms() -> int:
@@ -44,32 +47,62 @@ def monotonic_ms() -> int:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """Engine ids derived from a config: VIP ids by position, backend ids by sorted address."""
+    """Engine ids derived from a config: VIP ids by position, backend ids by sorted address,
+    except that a reload (`previous`) keeps the ids of what is still configured."""
 
-    vip_ids: dict[tuple[bytes, int, int], int]
+    vip_ids: dict[VipKey, int]
     backend_ids: dict[bytes, int]
     tables: dict[int, bytes]
     vip_backends: dict[int, list[int]]
+    vip_usable: dict[int, list[int]] = field(default_factory=dict)
+    """Per VIP, the backends a stored record may send a flow to (not `dead`)."""
+    down: frozenset[BackendKey] = frozenset()
+    """Backends health checks took out of new-flow selection."""
+    dead: frozenset[BackendKey] = frozenset()
+    """Backends down past the re-pin grace: their pinned flows move."""
 
 
-def plan_engine(config: ForwarderConfig, previous: Plan | None = None) -> Plan:
-    """Assign stable ids (kept across reloads where the address is unchanged) and Maglev tables."""
+def plan_engine(
+    config: ForwarderConfig,
+    previous: Plan | None = None,
+    *,
+    down: Collection[BackendKey] | None = None,
+    dead: Collection[BackendKey] | None = None,
+) -> Plan:
+    """Assign stable ids (kept across reloads where the address is unchanged) and Maglev tables.
+
+    `down` backends get no new flows, records naming `dead` ones are not followed (default:
+    those of `previous`). Where every active backend of a VIP is down the checks are ignored
+    for it (fail open: a broken check must not take a whole service down).
+    """
+    down = frozenset(down if down is not None else previous.down if previous else ())
+    dead = frozenset(dead if dead is not None else previous.dead if previous else ())
     backend_ids = dict(previous.backend_ids) if previous else {}
+    # Ids of removed backends are not given out again in the same plan: pins still queued
+    # for them must not name a new backend.
+    taken = set(backend_ids.values())
     wanted = sorted({b.address.packed for v in config.vips for b in v.backends})
     for ip in [ip for ip in backend_ids if ip not in wanted]:
         del backend_ids[ip]
-    free = (i for i in range(0xFFFF) if i not in set(backend_ids.values()))
+    free = (i for i in range(0xFFFF) if i not in taken)
     for ip in wanted:
         if ip not in backend_ids:
             backend_ids[ip] = next(free)
-    vip_ids: dict[tuple[bytes, int, int], int] = {}
+    keys = [(v.address.packed, v.port, int(v.protocol)) for v in config.vips]
+    kept = {k: previous.vip_ids[k] for k in keys if previous and k in previous.vip_ids}
+    free_vips = (i for i in range(0x100) if i not in set(kept.values()))
+    vip_ids: dict[VipKey, int] = {}
     tables: dict[int, bytes] = {}
     vip_backends: dict[int, list[int]] = {}
-    for vip_id, vip in enumerate(config.vips):
-        vip_ids[(vip.address.packed, vip.port, int(vip.protocol))] = vip_id
+    vip_usable: dict[int, list[int]] = {}
+    for key, vip in zip(keys, config.vips, strict=True):
+        vip_id = vip_ids[key] = kept[key] if key in kept else next(free_vips)
         active = [
             (b.address.packed, b.weight) for b in vip.backends if b.state is BackendState.ACTIVE
         ]
+        healthy = [(ip, w) for ip, w in active if (key, ip) not in down]
+        if any(w for _ip, w in healthy) or not any(w for _ip, w in active):
+            active = healthy
         table = maglev.MaglevTable.build(active, vip.maglev_size) if active else None
         if table is None or not table.backends:
             tables[vip_id] = b""
@@ -77,7 +110,13 @@ def plan_engine(config: ForwarderConfig, previous: Plan | None = None) -> Plan:
             ids = [backend_ids[ip] for ip, _w in table.backends]
             tables[vip_id] = array("H", (ids[i] for i in table.table)).tobytes()
         vip_backends[vip_id] = [backend_ids[b.address.packed] for b in vip.backends]
-    return Plan(vip_ids, backend_ids, tables, vip_backends)
+        usable = [
+            backend_ids[b.address.packed]
+            for b in vip.backends
+            if (key, b.address.packed) not in dead
+        ]
+        vip_usable[vip_id] = usable or vip_backends[vip_id]
+    return Plan(vip_ids, backend_ids, tables, vip_backends, vip_usable, down, dead)
 
 
 def make_engine(config: ForwarderConfig) -> Any:
@@ -103,7 +142,8 @@ def apply_plan(engine: Any, core: ForwardingCore, plan: Plan, config: ForwarderC
     for (ip, port, proto), vip_id in plan.vip_ids.items():
         engine.set_vip(vip_id, ip, port, proto)
         engine.set_maglev(vip_id, plan.tables[vip_id])
-        core.set_vip(vip_id, ip, port, proto, plan.vip_backends[vip_id])
+        usable = plan.vip_usable.get(vip_id)
+        core.set_vip(vip_id, ip, port, proto, plan.vip_backends[vip_id], usable)
 
 
 async def open_store(config: ForwarderConfig) -> FlowStore:
@@ -233,6 +273,10 @@ class Forwarder:
         async def pins() -> None:
             items = [(to_tuple(f), rec, ttl) for f, rec, ttl in work.pins]
             try:
+                if work.overwrites:  # records of dead backends: NX would keep them
+                    await self._timed(
+                        "delete", store.delete([to_tuple(f) for f in work.overwrites])
+                    )
                 stored = await self._timed("pin", store.pin_many(items))
             except StoreUnavailable:
                 self.core.on_pins(work, None, monotonic_ms())

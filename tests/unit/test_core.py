@@ -204,3 +204,50 @@ async def test_without_fallback_packets_of_unknown_flows_drop(impl: str) -> None
     assert await run_store(pop, MemoryStore(), NOW, down=True) == []
     assert pop.counters["dropped_no_store"] == 3 and pop.queued_frames == 0
     assert pop.engine.lookup(flow(45000)) is None
+
+
+async def test_record_of_a_dead_backend_is_repinned_over(impl: str) -> None:
+    """A backend down past the re-pin grace: the record naming it is not followed, Maglev
+    (which no longer has it) decides, and the new pinning replaces the dead one in the store."""
+    store = MemoryStore()
+    port = next(p for p in range(46000, 47000) if _table_pick(BACKENDS[:3], p) == 2)
+    await store.pin_many([(to_tuple(flow(port)), FlowRecord(BACKENDS[2], VIP, 1, "x"), 60_000)])
+    # Down, within the grace: the record is still followed (its connection keeps working).
+    pop = make_pop(impl, "pop1", BACKENDS[:2], allowed=BACKENDS[:3])
+    feed(pop, [tcp_frame(port, P.TCP_ACK)])
+    assert [bid for bid, _ in await run_store(pop, store, NOW)] == [2]
+    # Dead: BACKENDS[2] is configured but not usable any more.
+    dead = make_pop(impl, "pop2", BACKENDS[:2], allowed=BACKENDS[:3])
+    dead.set_vip(0, VIP, 80, 6, [0, 1, 2], usable=[0, 1])
+    feed(dead, [tcp_frame(port, P.TCP_ACK)])
+    work = dead.take_store_work(NOW)
+    result = dead.on_lookups(work.lookups, await store.lookup_many([to_tuple(flow(port))]), NOW)
+    moved = result.tx[0][0]
+    assert moved in (0, 1) and dead.counters["record_backend_down"] == 1
+    assert dead.counters["record_rejected"] == 0  # not foreign: known, and dead
+    work = dead.take_store_work(NOW + 1)
+    assert work.overwrites == {flow(port)} and work.writebacks == {flow(port)}
+    await store.delete([to_tuple(f) for f in work.overwrites])  # as the driver does
+    dead.on_pins(work, await store.pin_many([(to_tuple(f), r, t) for f, r, t in work.pins]), NOW)
+    (rec,) = await store.lookup_many([to_tuple(flow(port))])
+    assert rec is not None and rec.backend_ip == BACKENDS[moved] and rec.pop == "pop2"
+
+
+async def test_failed_overwrite_is_retried_as_an_overwrite(impl: str) -> None:
+    store = MemoryStore()
+    await store.pin_many([(to_tuple(flow(47000)), FlowRecord(BACKENDS[2], VIP, 1, "x"), 60_000)])
+    pop = make_pop(impl, "pop1", BACKENDS[:2], allowed=BACKENDS[:3])
+    pop.set_vip(0, VIP, 80, 6, [0, 1, 2], usable=[0, 1])
+    feed(pop, [tcp_frame(47000, P.TCP_ACK)])
+    await run_store(pop, store, NOW)
+    work = pop.take_store_work(NOW + 1)
+    pop.on_pins(work, None, NOW + 1)  # the store failed
+    again = pop.take_store_work(NOW + 1000)
+    assert again.overwrites == {flow(47000)}
+
+
+def _table_pick(backends: list[bytes], port: int) -> int:
+    """backend_id Maglev over `backends` gives flow(port)."""
+    entries = array("H")
+    entries.frombytes(_table(backends))
+    return entries[to_tuple(flow(port)).hash64() % len(entries)]
