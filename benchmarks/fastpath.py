@@ -60,6 +60,9 @@ LOSS_THRESHOLD = 0.01
 TARGETS = {"c_vs_kernel": 0.9, "c_vs_python": 4.0}
 #: Slowest paced probe of the loss-free search.
 MIN_PROBE_PPS = 1000
+#: Failed probes of a search that are measured a second time before they count (full runs;
+#: one with --quick).
+RETRIES = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +137,8 @@ class Settings:
     ramp: float
     """Traffic before a measurement window opens."""
     search_steps: int
+    retries: int
+    """Failed probes re-measured before they count."""
     peers: tuple[Peer, ...]
 
     @classmethod
@@ -145,6 +150,7 @@ class Settings:
             probe_seconds=seconds * 2 / 3,
             ramp=min(0.3, max(0.1, seconds / 3)),
             search_steps=4 if options.quick else 5,
+            retries=1 if options.quick else RETRIES,
             peers=tuple(
                 p
                 for p in PEERS
@@ -175,10 +181,16 @@ def search_loss_free(
     lo_rate, hi_rate = 0.0, top
     best = 0.0
     target = min(max(saturation.forwarded_pps, top / 64), top)
+    retries = settings.retries
     for _ in range(settings.search_steps):
         rate = max(MIN_PROBE_PPS, int(target))
         window = lab.measure(sink, size, settings.probe_seconds, settings.ramp, rate)
         probes.append((rate, window))
+        if window.loss > LOSS_THRESHOLD and retries > 0:
+            # One hiccup of a shared machine must not cap the search: try the rate again.
+            retries -= 1
+            window = lab.measure(sink, size, settings.probe_seconds, settings.ramp, rate)
+            probes.append((rate, window))
         if window.loss <= LOSS_THRESHOLD:
             best = max(best, window.forwarded_pps)
             lo_rate = rate
@@ -204,7 +216,8 @@ class FastpathBenchmark(Benchmark):
 
     def plan(self, options: RunOptions) -> Plan:
         s = Settings.of(options)
-        per_size = s.seconds + s.ramp + 0.6 + s.search_steps * (s.probe_seconds + s.ramp + 0.5)
+        probes = s.search_steps + s.retries
+        per_size = s.seconds + s.ramp + 0.6 + probes * (s.probe_seconds + s.ramp + 0.5)
         per_peer = 2.5 + len(SIZES) * per_size
         steps = s.rounds * len(s.peers) * (1 + len(SIZES))
         return Plan(steps=steps + 1, seconds=5 + s.rounds * len(s.peers) * per_peer)

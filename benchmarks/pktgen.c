@@ -200,13 +200,19 @@ static int tx_socket(const tx_opts *o) {
     return fd;
 }
 
-/* Sleep until `sent` frames are due at `pps` since `t0` (no-op when pps == 0). */
-static void pace(const tx_opts *o, uint64_t t0, uint64_t sent) {
+/* Sleep until `sent` frames are due at `pps` (no-op when pps == 0). `*base` is the
+ * schedule's start; when the sender fell behind by more than MAX_LAG_NS (it was not
+ * scheduled), the schedule slides instead of catching up with a burst at full speed, which
+ * would be an overload the paced rate does not ask for. */
+#define MAX_LAG_NS 1000000ull
+static void pace(const tx_opts *o, uint64_t *base, uint64_t sent) {
     if (o->pps <= 0)
         return;
-    uint64_t due = t0 + sent * 1000000000ull / (uint64_t)o->pps;
+    uint64_t due = *base + sent * 1000000000ull / (uint64_t)o->pps;
     uint64_t now = now_ns();
-    if (due > now) {
+    if (now > due + MAX_LAG_NS)
+        *base += now - due - MAX_LAG_NS;
+    else if (due > now) {
         struct timespec ts = {(time_t)((due - now) / 1000000000ull),
                               (long)((due - now) % 1000000000ull)};
         nanosleep(&ts, NULL);
@@ -247,13 +253,13 @@ static void run_ring(const tx_opts *o, uint64_t *sent_out, uint64_t *errors_out,
         h->tp_len = (uint32_t)flen;
         h->tp_status = TP_STATUS_AVAILABLE;
     }
-    uint64_t sent = 0, errors = 0, queued = 0;
+    uint64_t sent = 0, errors = 0, queued = 0, base = t0;
     unsigned cur = 0;
     while (!done(o, sent, t0)) {
         long want = o->batch;
         if (o->count > 0 && (uint64_t)o->count - sent < (uint64_t)want)
             want = (long)((uint64_t)o->count - sent);
-        pace(o, t0, sent + (uint64_t)want);
+        pace(o, &base, sent + (uint64_t)want);
         long n = 0;
         while (n < want) {
             struct tpacket2_hdr *h = (struct tpacket2_hdr *)(map + (size_t)cur * FRAME_SLOT);
@@ -300,13 +306,13 @@ static void run_mmsg(const tx_opts *o, uint64_t *sent_out, uint64_t *errors_out,
     size_t flen = 0;
     for (long i = 0; i < nframes; i++)
         flen = build_frame(o, i, frames + (size_t)i * FRAME_SLOT);
-    uint64_t sent = 0, errors = 0;
+    uint64_t sent = 0, errors = 0, base = t0;
     long next = 0;
     while (!done(o, sent, t0)) {
         long want = o->batch;
         if (o->count > 0 && (uint64_t)o->count - sent < (uint64_t)want)
             want = (long)((uint64_t)o->count - sent);
-        pace(o, t0, sent + (uint64_t)want);
+        pace(o, &base, sent + (uint64_t)want);
         for (long k = 0; k < want; k++) {
             iovs[k].iov_base = frames + (size_t)next * FRAME_SLOT;
             iovs[k].iov_len = flen;
