@@ -182,6 +182,18 @@ class ClusterClient:
 
     # -- connections -----------------------------------------------------------------------
 
+    async def connect_all(self, timeout_ms: float) -> None:
+        """Dial every master now (not on first use), so a freshly started forwarder's first
+        lookups do not all wait on connects. Raise StoreUnavailable only if no master answers:
+        with some reachable, the others stay in back-off and their keys fail fast meanwhile."""
+        deadline_at = self._loop.time() + timeout_ms / 1000
+        results = await asyncio.gather(
+            *(self._conn(node, deadline_at) for node in self._masters), return_exceptions=True
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed and len(failed) == len(results):
+            raise StoreUnavailable(f"no master reachable: {failed[0]}") from None
+
     async def _conn(self, node: _Node, deadline_at: float) -> RespConnection:
         conn = node.conn
         if conn is not None and conn.alive:

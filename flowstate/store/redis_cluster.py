@@ -101,7 +101,7 @@ class RedisClusterStore(ClusterClient, FlowStore):
         except BaseException:
             await rc.aclose()
             raise
-        return cls(
+        store = cls(
             rc,
             password=password,
             username=username,
@@ -109,6 +109,13 @@ class RedisClusterStore(ClusterClient, FlowStore):
             ssl_context=ssl_context,
             fast_path=fast_path,
         )
+        if fast_path:
+            try:
+                await store.connect_all(config.connect_timeout_ms)
+            except BaseException:
+                await store.close()
+                raise
+        return store
 
     # -- FlowStore -------------------------------------------------------------------------
 
