@@ -1,8 +1,8 @@
 """The `flowstate` command: inspect flows in the store and steer running forwarders.
 
 Subcommands live in `cli_flows` (flows get/ls/count), `cli_explain` (explain) and `cli_ops`
-(backends, stats). Errors end the command with one line on stderr and a non-zero exit code:
-2 for bad input, 1 when something could not be reached or found; never a traceback.
+(backends, stats, reload). Errors end the command with one line on stderr and a non-zero exit
+code: 2 for bad input, 1 when something could not be reached or found; never a traceback.
 """
 
 from __future__ import annotations

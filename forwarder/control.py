@@ -42,7 +42,7 @@ from forwarder.metrics import MetricsServer, StoreLatency
 from forwarder.service import apply_plan, monotonic_ms, plan_engine
 
 if TYPE_CHECKING:
-    from forwarder.service import Forwarder, Plan
+    from forwarder.service import BackendKey, Forwarder, Plan
 
 log = logging.getLogger("flowstate.forwarder")
 
@@ -98,14 +98,30 @@ def record_json(rec: FlowRecord) -> dict[str, Any]:
     }
 
 
-async def replan(fwd: Forwarder, config: ForwarderConfig) -> None:
-    """Make `config`'s backends, weights and states live through the start-up path
-    (`plan_engine` + `apply_plan`). Flows in the local table are kept; so are the backends'
-    resolved links, which `apply_plan` would otherwise reset until the next neighbour change."""
+async def replan(
+    fwd: Forwarder,
+    config: ForwarderConfig,
+    *,
+    down: frozenset[BackendKey] | None = None,
+    dead: frozenset[BackendKey] | None = None,
+) -> None:
+    """Make `config`'s VIPs, backends, weights and states live through the start-up path
+    (`plan_engine` + `apply_plan`), with the backends health checks took out (`down`, `dead`;
+    default: as before). Flows in the local table are kept, except those of VIPs and backends
+    no longer configured (a reload); so are the backends' resolved links, which `apply_plan`
+    would otherwise reset until the next neighbour change. Callers hold `fwd.change_lock`."""
     # Maglev tables take tens of ms per VIP in Python: build them off the event loop.
-    plan = await asyncio.to_thread(plan_engine, config, fwd.plan)
+    plan = await asyncio.to_thread(plan_engine, config, fwd.plan, down=down, dead=dead)
     engine = fwd.engine
     links = {bid: engine.backend_link(bid) for bid in fwd.plan.backend_ids.values()}
+    # What the new plan no longer has goes first, with its flows: its ids may be reused.
+    for key, vip_id in fwd.plan.vip_ids.items():
+        if key not in plan.vip_ids:
+            engine.remove_vip(vip_id)
+            fwd.core.remove_vip(*key)
+    for ip, bid in fwd.plan.backend_ids.items():
+        if ip not in plan.backend_ids:
+            engine.remove_backend(bid)
     apply_plan(engine, fwd.core, plan, config)
     for ip, bid in plan.backend_ids.items():
         link = links.get(bid)
@@ -123,13 +139,12 @@ class Operations:
         self.fwd = fwd
         self.latency = StoreLatency()
         self.started = time.monotonic()
-        self.configured = fwd.config
         self.path = worker_socket(fwd.config.control.socket, fwd.worker)
         self._server: asyncio.Server | None = None
         self._metrics: MetricsServer | None = None
         self._lock_fd: int | None = None
         self._inode: int | None = None
-        self._change_lock = asyncio.Lock()
+        self._change_lock = fwd.change_lock  # shared with health checks and reload
         self._connections = 0
         self._slots: tuple[Plan, dict[int, collections.Counter[int]]] | None = None
         self._methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
@@ -140,7 +155,13 @@ class Operations:
             "drain": self._drain,
             "undrain": self._undrain,
             "weight": self._weight,
+            "reload": self._reload,
         }
+
+    @property
+    def configured(self) -> ForwarderConfig:
+        """The config file's settings (at start or the last reload), before runtime changes."""
+        return self.fwd.configured
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -381,7 +402,8 @@ class Operations:
             known = ", ".join(str(v) for v in self.fwd.config.vips)
             vip = f"{t.proto.name.lower()} {_hostport(t.vip, t.vip_port)}"
             raise Refusal("unknown_vip", f"{vip} is not a VIP of this forwarder (VIPs: {known})")
-        return vip_id, self.fwd.config.vips[vip_id]
+        key = (t.vip_ip, t.vip_port, int(t.proto))
+        return vip_id, next(v for v in self.fwd.config.vips if _vip_key(v) == key)
 
     async def _flow(self, params: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -459,9 +481,10 @@ class Operations:
             for b in v.backends
         }
         out: list[VipInfo] = []
-        for vip_id, v in enumerate(config.vips):
+        for v in config.vips:
             if selector is not None and not selector.matches(v.address.packed, v.port, v.protocol):
                 continue
+            vip_id = plan.vip_ids[_vip_key(v)]  # not its position after a reload
             backends: list[BackendInfo] = []
             for b in v.backends:
                 orig = configured.get((v.address, v.port, v.protocol, b.address), b)
@@ -471,7 +494,7 @@ class Operations:
                         "address": str(b.address),
                         "weight": b.weight,
                         "state": str(b.state),
-                        "healthy": None,
+                        "healthy": self.fwd.health.healthy((_vip_key(v), b.address.packed)),
                         "slots": slots.get(vip_id, collections.Counter()).get(bid, 0),
                         "configured_weight": orig.weight,
                         "configured_state": str(orig.state),
@@ -585,6 +608,25 @@ class Operations:
         for answer in answers:
             workers.extend(answer.get("workers", []))
         return {"changed": changed, "workers": workers, "errors": errors}
+
+    async def _reload(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Re-read the config file here and on the other workers (as SIGHUP does)."""
+        from forwarder.reload import reload_config
+
+        result = await reload_config(self.fwd)
+        error = result["error"]
+        if error is not None:
+            message = f"{error['field']}: {error['reason']}"
+            raise Refusal("config_error", f"{message} (still running the previous config)")
+        answers, errors = await self._ask_peers("reload", params)
+        workers = [self.fwd.worker]
+        for answer in answers:
+            workers.extend(answer.get("workers", []))
+        return {**result, "workers": workers, "errors": errors}
+
+
+def _vip_key(v: VipConfig) -> tuple[bytes, int, int]:
+    return (v.address.packed, v.port, int(v.protocol))
 
 
 def _hostport(address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str:

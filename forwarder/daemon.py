@@ -55,17 +55,24 @@ def check_config(path: str) -> int:
     return 0
 
 
-def run_worker(config: ForwarderConfig, fanout_group: int, worker: int = 0) -> int:
-    """Run one worker in this process until SIGINT/SIGTERM."""
+def run_worker(
+    config: ForwarderConfig, fanout_group: int, worker: int = 0, config_path: str | None = None
+) -> int:
+    """Run one worker in this process until SIGINT/SIGTERM; SIGHUP reloads `config_path`."""
     import asyncio
+    from pathlib import Path
 
     import uvloop
 
     from forwarder.service import serve
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    # Until the event loop takes SIGHUP over, a reload request must not end the process
+    # (SIGHUP's default): the config is being read now anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        asyncio.run(serve(config, fanout_group=fanout_group, worker=worker))
+        path = Path(config_path) if config_path else None
+        asyncio.run(serve(config, fanout_group=fanout_group, worker=worker, config_path=path))
     except OSError as exc:
         print(f"flowstate-forwarder: {exc}", file=sys.stderr)
         return 1
@@ -74,7 +81,7 @@ def run_worker(config: ForwarderConfig, fanout_group: int, worker: int = 0) -> i
 
 def supervise(args: argparse.Namespace, config: ForwarderConfig) -> int:
     """Start `workers` processes sharing each interface through PACKET_FANOUT; restart crashed
-    ones; stop them all on SIGINT/SIGTERM."""
+    ones; stop them all on SIGINT/SIGTERM; pass SIGHUP (reload) on to each."""
     group = (os.getpid() & 0x7FFF) or 1
     cmd = [sys.executable, "-m", "forwarder.daemon", "--config", args.config]
     cmd += ["--log-level", args.log_level, "--fanout-group", str(group), "--keep-offloads"]
@@ -88,8 +95,14 @@ def supervise(args: argparse.Namespace, config: ForwarderConfig) -> int:
             if child.poll() is None:
                 child.terminate()
 
+    def reload(_sig: int, _frame: object) -> None:
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     for i in range(config.workers):
         children[i] = subprocess.Popen([*cmd, "--worker", str(i)])
     while not stopping:
@@ -141,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"flowstate-forwarder: {busy}", file=sys.stderr)
             return 1
         return supervise(args, config)
-    return run_worker(config, args.fanout_group, args.worker or 0)
+    return run_worker(config, args.fanout_group, args.worker or 0, args.config)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import time
 from array import array
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from flowstate.errors import FlowstateError, StoreUnavailable
@@ -23,6 +24,7 @@ from flowstate.store import StoreConfig as StoreDeadlines
 from forwarder import maglev
 from forwarder.config import BackendState, ForwarderConfig, StoreKind
 from forwarder.core import CoreConfig, ForwardingCore, StoreWork, to_tuple
+from forwarder.health import HealthMonitor, apply_health
 
 log = logging.getLogger("flowstate.forwarder")
 
@@ -179,8 +181,15 @@ class Forwarder:
         neighbours: Any = None,
         worker: int = 0,
         operations: bool = False,
+        config_path: Path | None = None,
     ) -> None:
         self.config = config
+        #: The config as the file gave it (at start or the last reload), before runtime changes.
+        self.configured = config
+        #: Where `reload` reads the config from (None: no reload).
+        self.config_path = config_path
+        #: Held while VIPs, backends and Maglev tables change (control API, health, reload).
+        self.change_lock = asyncio.Lock()
         self.worker = worker
         #: Serve the control API and metrics from `run()` (the daemon does; embedders may not).
         self.operations = operations
@@ -207,6 +216,7 @@ class Forwarder:
         )
         self.plan = plan_engine(config)
         apply_plan(engine, self.core, self.plan, config)
+        self.health = HealthMonitor(config)
         self._wake = asyncio.Event()
         self._rounds = asyncio.Semaphore(MAX_ROUNDS)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -404,6 +414,7 @@ class Forwarder:
         self._spawn(self._connect_loop())
         self._spawn(self._store_loop())
         self._spawn(self._expire_loop())
+        self._spawn(self.health.run(lambda: apply_health(self)))
         if self._neighbours is not None:
             self._spawn(self._neighbours.run(self._on_links))
         try:
@@ -433,6 +444,12 @@ class Forwarder:
     def stop(self) -> None:
         self._stopping.set()
 
+    def request_reload(self) -> None:
+        """SIGHUP: re-read the config file in the background (the outcome goes to the log)."""
+        from forwarder.reload import reload_config
+
+        self._spawn(reload_config(self))
+
 
 def open_rings(config: ForwarderConfig, fanout_group: int) -> list[Any]:
     """One receive ring per configured interface, of the configured implementation."""
@@ -457,8 +474,14 @@ def open_rings(config: ForwarderConfig, fanout_group: int) -> list[Any]:
     return rings
 
 
-async def serve(config: ForwarderConfig, *, fanout_group: int = 0, worker: int = 0) -> None:
-    """Run one worker until SIGINT/SIGTERM."""
+async def serve(
+    config: ForwarderConfig,
+    *,
+    fanout_group: int = 0,
+    worker: int = 0,
+    config_path: Path | None = None,
+) -> None:
+    """Run one worker until SIGINT/SIGTERM; SIGHUP reloads `config_path`."""
     import signal
 
     from forwarder.neigh import NeighbourCache
@@ -474,10 +497,12 @@ async def serve(config: ForwarderConfig, *, fanout_group: int = 0, worker: int =
         neighbours=neighbours,
         worker=worker,
         operations=True,
+        config_path=config_path,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, fwd.stop)
+    loop.add_signal_handler(signal.SIGHUP, fwd.request_reload)
     log.info("forwarding: %s", config.summary())
     try:
         await fwd.run()
