@@ -62,6 +62,13 @@ class HealthKind(enum.StrEnum):
     NONE = "none"
 
 
+class BgpKind(enum.StrEnum):
+    """How the VIPs are announced: through BIRD 2, or not by the forwarder at all."""
+
+    BIRD = "bird"
+    NONE = "none"
+
+
 class Secret:
     """A password that never shows itself in repr, str or logs; `reveal()` to use it."""
 
@@ -292,6 +299,34 @@ class HealthConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class BgpConfig:
+    kind: BgpKind = BgpKind.NONE
+    """``bird``: announce the VIPs only while this forwarder can forward, by enabling and
+    disabling BIRD static protocols that hold the VIP routes; ``none``: BGP is not our job."""
+    birdc: str = "birdc"
+    """The birdc binary: a path, or a name looked up on $PATH."""
+    socket: Path = Path("/run/bird/bird.ctl")
+    """BIRD's control socket."""
+    protocols: tuple[str, ...] = ("vip4", "vip6")
+    """BIRD static protocols holding the VIP routes; enabled = announced. Declare them
+    ``disabled yes`` in bird.conf so that BIRD announces nothing before the forwarder says so."""
+    check_interval_ms: int = 200
+    """Time between health checks; one failed check withdraws."""
+    announce_delay_ms: int = 1000
+    """Health must hold this long before the VIPs are (re-)announced, so that a crash-looping
+    worker does not flap the route."""
+    stall_timeout_ms: int = 1000
+    """A worker whose event loop has not reported for this long counts as failed (a worker that
+    exits counts at once)."""
+    withdraw_on_store_loss: bool = False
+    """Withdraw while the store is unreachable, even with `store.fallback` on (without fallback
+    losing the store always withdraws)."""
+    drain_file: Path | None = Path("/var/lib/flowstate/pop-drained")
+    """Where `flowstate drain-pop` records the drain, so that it outlives forwarder restarts
+    until `flowstate undrain-pop`; None (``""`` in TOML) keeps it in memory only."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ForwarderConfig:
     pop: str
     """This POP's id (1..32 of A-Z a-z 0-9 _ . -), written into every pinning it makes."""
@@ -310,6 +345,7 @@ class ForwarderConfig:
     """The services, from the ``[[vip]]`` tables."""
     control: ControlConfig = field(default_factory=ControlConfig)
     health: HealthConfig = field(default_factory=lambda: HealthConfig(kind=HealthKind.NONE))
+    bgp: BgpConfig = field(default_factory=BgpConfig)
 
     def summary(self) -> str:
         """One paragraph for humans (``--check-config``, start-up log)."""
@@ -326,7 +362,12 @@ class ForwarderConfig:
             f"{backends} backend{'s' * (backends != 1)}"
             + (f" ({draining} draining)" if draining else "")
             + f", {store}, health checks {self.health.kind}, "
-            f"{self.impl} data path with {self.workers} worker{'s' * (self.workers != 1)}."
+            f"{self.impl} data path with {self.workers} worker{'s' * (self.workers != 1)}"
+            + (
+                f", BGP via BIRD ({', '.join(self.bgp.protocols)})."
+                if self.bgp.kind is BgpKind.BIRD
+                else "."
+            )
         )
 
 
@@ -371,6 +412,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Fo
     }
     if "health" in top.data:
         kw["health"] = _parse_health(top.section("health", _HEALTH_KEYS))
+    kw["bgp"] = _parse_bgp(top.section("bgp", _BGP_KEYS), base_dir)
     return _build(ForwarderConfig, kw)
 
 
@@ -387,6 +429,7 @@ _VIP_KEYS = _toml_keys(VipConfig, backends="backend")
 _BACKEND_KEYS = _toml_keys(BackendConfig)
 _CONTROL_KEYS = _toml_keys(ControlConfig)
 _HEALTH_KEYS = _toml_keys(HealthConfig)
+_BGP_KEYS = _toml_keys(BgpConfig)
 _T = TypeVar("_T")
 _E = TypeVar("_E", bound=enum.StrEnum)
 
@@ -599,6 +642,66 @@ def _parse_health(s: _Section) -> HealthConfig:
     if h.kind is HealthKind.NONE and "port" in s.data:
         raise ConfigError(s.name("port"), "set, but kind = 'none' runs no checks")
     return h
+
+
+_BIRD_SYMBOL_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _parse_bgp(s: _Section, base_dir: Path | None) -> BgpConfig:
+    kind = s.choice("kind", BgpKind)
+    if kind in (None, BgpKind.NONE):
+        extra = [k for k in s.data if k != "kind"]
+        if extra:
+            raise ConfigError(
+                s.name(extra[0]), "set, but kind = 'none' announces nothing (add kind = 'bird')"
+            )
+        return BgpConfig()
+    birdc = s.string("birdc")
+    if birdc is not None:
+        if not birdc or "\0" in birdc:
+            raise ConfigError(s.name("birdc"), f"{birdc!r} is not a program")
+        if "/" in birdc:
+            birdc = str(s.file_path("birdc", base_dir))
+    socket = s.file_path("socket", base_dir)
+    if socket is not None and len(os.fsencode(socket)) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            s.name("socket"), f"Unix socket paths are limited to {MAX_SOCKET_PATH} bytes"
+        )
+    protocols = s.data.get("protocols")
+    if protocols is not None:
+        if not isinstance(protocols, list) or not protocols:
+            raise ConfigError(s.name("protocols"), "must be a non-empty array of protocol names")
+        for i, name in enumerate(protocols):
+            if not isinstance(name, str) or not _BIRD_SYMBOL_RE.fullmatch(name):
+                raise ConfigError(
+                    f"{s.name('protocols')}[{i}]",
+                    f"{name!r} is not a BIRD protocol name (a letter or _, then A-Z a-z 0-9 _)",
+                )
+            if name in protocols[:i]:
+                raise ConfigError(f"{s.name('protocols')}[{i}]", f"{name!r} is listed twice")
+        protocols = tuple(protocols)
+    b = _build(
+        BgpConfig,
+        {
+            "kind": kind,
+            "birdc": birdc,
+            "socket": socket,
+            "protocols": protocols,
+            "check_interval_ms": s.integer("check_interval_ms", 10, 60_000),
+            "announce_delay_ms": s.integer("announce_delay_ms", 0, 3_600_000),
+            "stall_timeout_ms": s.integer("stall_timeout_ms", 10, 3_600_000),
+            "withdraw_on_store_loss": s.boolean("withdraw_on_store_loss"),
+        },
+    )
+    if b.stall_timeout_ms < b.check_interval_ms:
+        raise ConfigError(
+            s.name("stall_timeout_ms"),
+            f"{b.stall_timeout_ms} ms is shorter than check_interval_ms ({b.check_interval_ms} ms)",
+        )
+    if "drain_file" in s.data:
+        text = s.string("drain_file")
+        b = replace(b, drain_file=s.file_path("drain_file", base_dir) if text else None)
+    return b
 
 
 # --- typed access to one TOML table, with dotted-path errors ------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import re
 import subprocess
 import sys
 import tomllib
@@ -18,6 +19,8 @@ from flowstate.flow import Proto
 from forwarder import daemon, maglev
 from forwarder.config import (
     BackendState,
+    BgpConfig,
+    BgpKind,
     Endpoint,
     ForwarderConfig,
     HealthKind,
@@ -380,3 +383,73 @@ def test_repin_after_defaults_to_ten_intervals() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(data)
     assert info.value.field == "health.repin_after_ms"
+
+
+# --- [bgp] --------------------------------------------------------------------------------------
+
+
+def test_bgp_is_off_by_default_and_bird_takes_defaults() -> None:
+    data = tomllib.loads(MINIMAL)
+    assert parse_config(data).bgp.kind is BgpKind.NONE
+    data["bgp"] = {"kind": "bird"}
+    bgp = parse_config(data).bgp
+    assert bgp.kind is BgpKind.BIRD
+    assert bgp.birdc == "birdc" and bgp.socket == Path("/run/bird/bird.ctl")
+    assert bgp.protocols == ("vip4", "vip6")
+    assert bgp.check_interval_ms == 200 and bgp.stall_timeout_ms == 1000
+    assert not bgp.withdraw_on_store_loss
+    assert bgp.drain_file == Path("/var/lib/flowstate/pop-drained")
+    assert "BGP via BIRD (vip4, vip6)" in parse_config(data).summary()
+
+
+def test_bgp_paths_are_taken_from_the_file_directory(tmp_path: Path) -> None:
+    data = tomllib.loads(MINIMAL)
+    data["bgp"] = {
+        "kind": "bird",
+        "birdc": "bin/birdc",
+        "socket": "bird.ctl",
+        "protocols": ["v4_anycast"],
+        "drain_file": "",
+        "withdraw_on_store_loss": True,
+    }
+    bgp = parse_config(data, base_dir=tmp_path).bgp
+    assert bgp.birdc == str(tmp_path / "bin" / "birdc")
+    assert bgp.socket == tmp_path / "bird.ctl"
+    assert bgp.protocols == ("v4_anycast",) and bgp.drain_file is None
+    assert bgp.withdraw_on_store_loss
+
+
+@pytest.mark.parametrize(
+    ("bgp", "field", "reason"),
+    [
+        ({"kind": "exabgp"}, "bgp.kind", "is not one of 'bird' or 'none'"),
+        ({"socket": "/run/bird.ctl"}, "bgp.socket", "kind = 'none' announces nothing"),
+        ({"kind": "bird", "protocols": []}, "bgp.protocols", "non-empty array"),
+        ({"kind": "bird", "protocols": ["vip*"]}, "bgp.protocols[0]", "not a BIRD protocol"),
+        ({"kind": "bird", "protocols": ["a", "a"]}, "bgp.protocols[1]", "listed twice"),
+        ({"kind": "bird", "check_interval_ms": 0}, "bgp.check_interval_ms", "out of range"),
+        (
+            {"kind": "bird", "check_interval_ms": 500, "stall_timeout_ms": 400},
+            "bgp.stall_timeout_ms",
+            "shorter than check_interval_ms",
+        ),
+        ({"kind": "bird", "withdraw_on_store_loss": 1}, "bgp.withdraw_on_store_loss", "true"),
+        ({"kind": "bird", "announce": True}, "bgp.announce", "unknown key"),
+    ],
+)
+def test_bad_bgp_settings_name_their_field(bgp: dict[str, Any], field: str, reason: str) -> None:
+    data = tomllib.loads(MINIMAL)
+    data["bgp"] = bgp
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert info.value.field == field
+    assert reason in info.value.reason
+
+
+def test_example_bgp_section_parses_when_uncommented() -> None:
+    text = EXAMPLE.read_text()
+    block = text.split("# [bgp]\n", 1)[1].split("\n\n", 1)[0]
+    keys = [line[2:] for line in block.splitlines() if re.match(r"# [a-z_]+ = ", line)]
+    data = example()
+    data["bgp"] = tomllib.loads("\n".join(keys))
+    assert parse_config(data).bgp == BgpConfig(kind=BgpKind.BIRD)
