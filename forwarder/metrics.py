@@ -180,6 +180,11 @@ class _Snapshot(Collector):
             "1 while the backend takes no new flows (drained)",
             labels=[*labels, "vip", "backend"],
         )
+        healthy = GaugeMetricFamily(
+            "flowstate_backend_healthy",
+            "1 while health checks pass, 0 while the backend is down (absent: not checked)",
+            labels=[*labels, "vip", "backend"],
+        )
 
         def family(
             cache: dict[str, CounterMetricFamily], name: str, doc: str, extra: list[str]
@@ -247,6 +252,8 @@ class _Snapshot(Collector):
                     bl = [*lv, vip["vip"], b["address"]]
                     weight.add_metric(bl, b["weight"] if b["state"] == "active" else 0)
                     draining.add_metric(bl, 0 if b["state"] == "active" else 1)
+                    if b.get("healthy") is not None:
+                        healthy.add_metric(bl, 1 if b["healthy"] else 0)
         yield packets
         yield flows
         yield capacity
@@ -261,6 +268,7 @@ class _Snapshot(Collector):
         yield uptime
         yield weight
         yield draining
+        yield healthy
 
 
 def _le(bound: float) -> str:

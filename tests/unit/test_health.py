@@ -336,3 +336,18 @@ def test_merge_keeps_restart_settings_and_takes_live_ones() -> None:
     lines = describe(running, merged)
     assert "health.kind changed" in lines and "store.lookup_patience_ms 100.0 -> 5.0" in lines
     assert f"tcp {VIP}:80: backend {B[2]} added (active, weight 100)" in lines
+
+
+def test_health_gauge_only_for_checked_backends() -> None:
+    from forwarder.metrics import render
+
+    def backend(address: str, healthy: bool | None) -> dict[str, Any]:
+        return {"address": address, "weight": 100, "state": "active", "healthy": healthy}
+
+    vip = {"vip": f"tcp {VIP}:80", "backends": [backend(B[0], True), backend(B[1], False)]}
+    vip["backends"].append(backend(B[2], None))
+    text = render("p", [{"worker": 0, "backends": [vip]}]).decode()
+    labels = f'pop="p",vip="tcp {VIP}:80",worker="0"'
+    assert f'flowstate_backend_healthy{{backend="{B[0]}",{labels}}} 1.0' in text
+    assert f'flowstate_backend_healthy{{backend="{B[1]}",{labels}}} 0.0' in text
+    assert f'flowstate_backend_healthy{{backend="{B[2]}"' not in text
