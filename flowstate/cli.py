@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from flowstate import __version__, cli_explain, cli_flows, cli_ops
+from flowstate import __version__, cli_bgp, cli_explain, cli_flows, cli_ops
 from flowstate.cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandFailed, Parser
 from flowstate.control_client import ControlError, ControlUnavailable
 from flowstate.errors import FlowstateError, StoreUnavailable, UsageError
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_flows.add_parsers(sub)
     cli_explain.add_parser(sub)
     cli_ops.add_parsers(sub)
+    cli_bgp.add_parsers(sub)
     return p
 
 

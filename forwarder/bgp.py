@@ -490,13 +490,21 @@ class Announcer:
         while not self.interrupted:
             now = self._clock()
             if self._check_now or now >= self._next_check:
-                self.check()
+                self._guarded(self.check)
                 now = self._clock()
             if now >= deadline:
                 return
             timeout = max(0, min(deadline, self._next_check) - now) / 1000
             for key, _events in self._selector.select(timeout):
-                key.data(key.fileobj)
+                self._guarded(functools.partial(key.data, key.fileobj))
+
+    def _guarded(self, call: Callable[[], object]) -> None:
+        # A bug here must not end the supervisor: its workers would run on unsupervised, and
+        # the VIPs would stay announced with nobody to withdraw them.
+        try:
+            call()
+        except Exception:
+            log.exception("BGP: announcer error (going on)")
 
     def check(self) -> None:
         """One health check: decide, and tell BIRD when the decision changed (or must be

@@ -37,6 +37,7 @@ from flowstate.errors import ConfigError, StoreUnavailable, UsageError
 from flowstate.flow import FiveTuple
 from flowstate.record import FlowRecord
 from forwarder import maglev
+from forwarder.bgp import announcer_status
 from forwarder.config import BackendConfig, BackendState, ForwarderConfig, VipConfig
 from forwarder.metrics import MetricsServer, StoreLatency
 from forwarder.service import apply_plan, monotonic_ms, plan_engine
@@ -386,7 +387,11 @@ class Operations:
         answers, errors = await self._ask_peers("stats", params)
         for answer in answers:
             workers.extend(answer.get("workers", []))
-        return {"pop": self.fwd.config.pop, "workers": workers, "errors": errors}
+        result: dict[str, Any] = {"pop": self.fwd.config.pop, "workers": workers, "errors": errors}
+        if not params.get("local"):
+            # The announce state lives in the supervisor (forwarder.bgp); None without BGP.
+            result["bgp"] = await announcer_status(self.fwd.config)
+        return result
 
     async def _gather_metrics(self) -> tuple[str, list[dict[str, Any]]]:
         stats = await self._stats({})

@@ -35,9 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not turn GRO/LRO/GSO/TSO off on the receive interfaces",
     )
+    p.add_argument(
+        "--withdraw",
+        action="store_true",
+        help="with --config: withdraw the VIPs from BIRD ([bgp] protocols) and exit; "
+        "for systemd's ExecStopPost, in case the forwarder could not do it itself",
+    )
     # Internal: how the supervisor starts its worker processes.
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--fanout-group", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--heartbeat-fd", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -56,7 +63,11 @@ def check_config(path: str) -> int:
 
 
 def run_worker(
-    config: ForwarderConfig, fanout_group: int, worker: int = 0, config_path: str | None = None
+    config: ForwarderConfig,
+    fanout_group: int,
+    worker: int = 0,
+    config_path: str | None = None,
+    heartbeat_fd: int | None = None,
 ) -> int:
     """Run one worker in this process until SIGINT/SIGTERM; SIGHUP reloads `config_path`."""
     import asyncio
@@ -72,7 +83,15 @@ def run_worker(
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         path = Path(config_path) if config_path else None
-        asyncio.run(serve(config, fanout_group=fanout_group, worker=worker, config_path=path))
+        asyncio.run(
+            serve(
+                config,
+                fanout_group=fanout_group,
+                worker=worker,
+                config_path=path,
+                heartbeat_fd=heartbeat_fd,
+            )
+        )
     except OSError as exc:
         print(f"flowstate-forwarder: {exc}", file=sys.stderr)
         return 1
@@ -81,16 +100,40 @@ def run_worker(
 
 def supervise(args: argparse.Namespace, config: ForwarderConfig) -> int:
     """Start `workers` processes sharing each interface through PACKET_FANOUT; restart crashed
-    ones; stop them all on SIGINT/SIGTERM; pass SIGHUP (reload) on to each."""
+    ones; stop them all on SIGINT/SIGTERM; pass SIGHUP (reload) on to each.
+
+    With [bgp] kind = "bird" it also runs the announcer (forwarder.bgp): it sees a worker exit at
+    once and withdraws, re-announces once the restarted worker is healthy, and on SIGINT/SIGTERM
+    withdraws before the workers stop."""
+    from forwarder.bgp import Announcer
+    from forwarder.config import BgpKind
+
     group = (os.getpid() & 0x7FFF) or 1
     cmd = [sys.executable, "-m", "forwarder.daemon", "--config", args.config]
     cmd += ["--log-level", args.log_level, "--fanout-group", str(group), "--keep-offloads"]
     children: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
+    stop_signal = ""
+    announcer = Announcer(config) if config.bgp.kind is BgpKind.BIRD else None
+    if announcer is not None:
+        try:
+            announcer.start()
+        except OSError as exc:
+            print(f"flowstate-forwarder: {exc}", file=sys.stderr)
+            return 1
 
-    def stop(_sig: int, _frame: object) -> None:
-        nonlocal stopping
+    def start(i: int) -> subprocess.Popen[bytes]:
+        if announcer is not None:
+            return announcer.start_worker(i, [*cmd, "--worker", str(i)])
+        return subprocess.Popen([*cmd, "--worker", str(i)])
+
+    def stop(sig: int, _frame: object) -> None:
+        nonlocal stopping, stop_signal
         stopping = True
+        stop_signal = signal.Signals(sig).name
+        if announcer is not None:
+            announcer.interrupt()  # it withdraws first (below); then the workers stop
+            return
         for child in children.values():
             if child.poll() is None:
                 child.terminate()
@@ -104,20 +147,45 @@ def supervise(args: argparse.Namespace, config: ForwarderConfig) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, reload)
     for i in range(config.workers):
-        children[i] = subprocess.Popen([*cmd, "--worker", str(i)])
+        children[i] = start(i)
     while not stopping:
-        time.sleep(0.2)
+        if announcer is not None:
+            announcer.wait(0.2)
+        else:
+            time.sleep(0.2)
         for i, child in list(children.items()):
             code = child.poll()
             if code is not None and not stopping:
                 log.error("worker %d exited with %s; restarting it", i, code)
-                children[i] = subprocess.Popen([*cmd, "--worker", str(i)])
+                children[i] = start(i)
+    if announcer is not None:
+        announcer.close(f"forwarder stopping ({stop_signal or 'stopped'})")
+        for child in children.values():
+            if child.poll() is None:
+                child.terminate()
     for child in children.values():
         try:
             child.wait(timeout=5)
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+    return 0
+
+
+def withdraw(config: ForwarderConfig) -> int:
+    """`--withdraw`: disable the VIP protocols in BIRD (the forwarder is not running)."""
+    from forwarder.bgp import withdraw_now
+    from forwarder.config import BgpKind
+
+    if config.bgp.kind is BgpKind.NONE:
+        print("flowstate-forwarder: [bgp] kind = 'none': nothing to withdraw")
+        return 0
+    result = withdraw_now(config)
+    protocols = ", ".join(config.bgp.protocols)
+    if result.error is not None:
+        print(f"flowstate-forwarder: withdraw failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"flowstate-forwarder: VIPs withdrawn (BIRD protocols {protocols} disabled)")
     return 0
 
 
@@ -129,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_usage(sys.stderr)
         return 2
     from flowstate.errors import ConfigError
-    from forwarder.config import load_config
+    from forwarder.config import BgpKind, load_config
 
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -141,12 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"flowstate-forwarder: config error: {exc.field}: {exc.reason}", file=sys.stderr)
         return 1
+    if args.withdraw:
+        return withdraw(config)
     if args.worker is None and not args.keep_offloads:
         from forwarder.neigh import disable_offloads
 
         for ifname in config.interfaces:
             disable_offloads(ifname)
-    if args.worker is None and config.workers > 1:
+    if args.worker is None and (config.workers > 1 or config.bgp.kind is not BgpKind.NONE):
+        # BGP: even one worker runs under the supervisor, which withdraws when it dies.
         from forwarder.control import socket_in_use
 
         busy = socket_in_use(config.control.socket)
@@ -154,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"flowstate-forwarder: {busy}", file=sys.stderr)
             return 1
         return supervise(args, config)
-    return run_worker(config, args.fanout_group, args.worker or 0, args.config)
+    return run_worker(config, args.fanout_group, args.worker or 0, args.config, args.heartbeat_fd)
 
 
 if __name__ == "__main__":

@@ -221,6 +221,8 @@ class Forwarder:
         self._rounds = asyncio.Semaphore(MAX_ROUNDS)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        #: Started once the rings are read (the BGP heartbeat: it must not report before).
+        self.when_forwarding: list[Callable[[], Awaitable[None]]] = []
         self.counters: dict[str, int] = {"rx_batches": 0, "store_reconnects": 0}
 
     # ---- data path -----------------------------------------------------------------------
@@ -417,6 +419,8 @@ class Forwarder:
         self._spawn(self.health.run(lambda: apply_health(self)))
         if self._neighbours is not None:
             self._spawn(self._neighbours.run(self._on_links))
+        for start in self.when_forwarding:
+            self._spawn(start())
         try:
             await self._stopping.wait()
         finally:
@@ -480,8 +484,10 @@ async def serve(
     fanout_group: int = 0,
     worker: int = 0,
     config_path: Path | None = None,
+    heartbeat_fd: int | None = None,
 ) -> None:
-    """Run one worker until SIGINT/SIGTERM; SIGHUP reloads `config_path`."""
+    """Run one worker until SIGINT/SIGTERM; SIGHUP reloads `config_path`. With `heartbeat_fd`
+    it reports its health there for the supervisor's BGP announcer (forwarder.bgp)."""
     import signal
 
     from forwarder.neigh import NeighbourCache
@@ -499,6 +505,11 @@ async def serve(
         operations=True,
         config_path=config_path,
     )
+    if heartbeat_fd is not None:
+        from forwarder.bgp import heartbeat
+
+        interval_s = config.bgp.check_interval_ms / 2000
+        fwd.when_forwarding.append(lambda: heartbeat(fwd, heartbeat_fd, interval_s))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, fwd.stop)
