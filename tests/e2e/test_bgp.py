@@ -38,6 +38,15 @@ PEER = Peer(pop="pop1", router4="10.2.0.1", pop4="10.2.0.2", router6="fd00:2::1"
 #: The brief's bar: a dead worker's VIPs leave the router within about a second (ExaBGP's
 #: default needs 3 failed checks at 1 s). Measured from the SIGKILL to the router's table.
 WITHDRAW_WITHIN_S = 1.5
+#: Where the router accepts the forwarder's health-check connections (test with health checks).
+CHECK_PORT = 8080
+LISTENER = """
+import socket, sys
+s = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+while True:
+    s.accept()[0].close()
+"""
 
 
 @dataclass
@@ -50,6 +59,8 @@ class Lab:
     workdir: Path
     forwarder: subprocess.Popen[str] | None = None
     logs: list[Path] = field(default_factory=list)
+    health: bool = False
+    """Check the backend with TCP connects to CHECK_PORT on the router (see `check_server`)."""
 
     @property
     def control(self) -> Path:
@@ -57,6 +68,13 @@ class Lab:
 
     def config_text(self) -> str:
         impl = "c" if c_engine_available() else "python"
+        check, health = "", ""
+        if self.health:
+            check = f'check_address = "{PEER.router4}"\n'
+            health = (
+                f'[health]\nkind = "tcp"\nport = {CHECK_PORT}\ninterval_ms = 200\n'
+                "timeout_ms = 100\nrise = 1\nfall = 2\n"
+            )
         return (
             f'pop = "pop1"\ninterfaces = ["f-rt"]\nsource_ipv6 = "{PEER.pop6}"\nimpl = "{impl}"\n'
             f'[store]\nkind = "memory"\n'
@@ -64,9 +82,9 @@ class Lab:
             f'[bgp]\nkind = "bird"\nsocket = "{self.speaker.socket}"\n'
             f'protocols = ["vip4", "vip6"]\ndrain_file = "{self.workdir}/drained"\n'
             f'[[vip]]\naddress = "{VIP4}"\nport = 80\nprotocol = "tcp"\n'
-            f'[[vip.backend]]\naddress = "fd00:b::1"\n'
+            f'[[vip.backend]]\naddress = "fd00:b::1"\n{check}'
             f'[[vip]]\naddress = "{VIP6}"\nport = 80\nprotocol = "tcp"\n'
-            f'[[vip.backend]]\naddress = "fd00:b::1"\n'
+            f'[[vip.backend]]\naddress = "fd00:b::1"\n{check}' + health
         )
 
     def start_forwarder(self) -> None:
@@ -235,3 +253,48 @@ def test_supervisor_sigkill_leaves_the_vips_to_exec_stop_post(lab: Lab) -> None:
     )
     assert "VIPs withdrawn" in out.stdout
     assert wait_until(lab.withdrawn, 5, 0.05)
+
+
+def test_stalled_worker_withdraws_and_recovers(lab: Lab) -> None:
+    """A worker whose event loop stops turning (SIGSTOP) counts as failed after the stall
+    timeout (1 s); it is not restarted, and the VIPs return when its heartbeats do."""
+    lab.ensure_announced()
+    (worker,) = lab.status()["workers"]
+    os.kill(worker["pid"], signal.SIGSTOP)
+    try:
+        assert wait_until(lab.withdrawn, 10, 0.05), lab.log()
+        assert "BGP: withdrew the VIPs (vip4, vip6): worker 0 stalled" in lab.log()
+    finally:
+        os.kill(worker["pid"], signal.SIGCONT)
+    assert wait_until(lab.announced, 30, 0.1), lab.log()
+    assert lab.status()["workers"][0]["pid"] == worker["pid"]
+
+
+def test_no_healthy_backend_withdraws(lab: Lab) -> None:
+    """Health checks (forwarder/health.py) that take every backend of the VIPs out withdraw
+    them; the backend's recovery announces them again."""
+    lab.stop_forwarder()
+    lab.health = True
+    listener: subprocess.Popen[str] | None = None
+
+    def listen() -> subprocess.Popen[str]:
+        proc = lab.rt.popen([sys.executable, "-c", LISTENER, PEER.router4, str(CHECK_PORT)])
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        return proc
+
+    try:
+        listener = listen()
+        lab.ensure_announced()
+        lab.rt.stop(listener)
+        listener = None
+        assert wait_until(lab.withdrawn, 15, 0.05), lab.log()
+        status = lab.status()
+        assert f"no usable backend for tcp {VIP4}:80" in status["problems"]
+        assert status["workers"][0]["state"] == "running"  # the worker is fine; its backends not
+        listener = listen()
+        assert wait_until(lab.announced, 30, 0.1), lab.log()
+    finally:
+        lab.stop_forwarder()
+        lab.health = False
+        if listener is not None:
+            lab.rt.stop(listener)

@@ -368,3 +368,20 @@ def test_withdraws_when_stopping_and_retries_when_bird_fails(tmp_path: Path) -> 
     assert len(fake.calls) > calls and a.status.applied is False and a.status.bird_error is None
     assert fake.enabled == {"vip4": False, "vip6": False}
     a.close("stopping")
+
+
+def test_worker_report_reads_the_plan_and_the_store(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from forwarder.bgp import _ReportCache, worker_report
+    from forwarder.service import plan_engine
+
+    cfg = config(tmp_path)
+    vip, backend = cfg.vips[0], cfg.vips[0].backends[0]
+    fwd: Any = SimpleNamespace(config=cfg, plan=plan_engine(cfg), store=object())
+    cache = _ReportCache()
+    assert worker_report(fwd, cache) == WorkerReport((), store_connected=True)
+    key = ((vip.address.packed, vip.port, int(vip.protocol)), backend.address.packed)
+    fwd.plan = plan_engine(cfg, down={key})  # health checks took the only backend out
+    fwd.store = None
+    assert worker_report(fwd, cache) == WorkerReport(("tcp 10.0.0.1:80",), store_connected=False)
