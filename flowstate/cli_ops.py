@@ -293,6 +293,7 @@ def summarize(
         "workers": len(workers),
         "uptime_s": min((w["uptime_s"] for w in workers), default=0.0),
         "store_connected": all(w["store"]["connected"] for w in workers),
+        "bgp": cur.get("bgp"),
         "packets": packets,
         "hits": engine.get("forward", 0),
         "new": engine.get("new", 0),
@@ -352,6 +353,16 @@ def _drops(
     return out
 
 
+def _bgp_line(bgp: dict[str, Any] | None) -> list[str]:
+    """The announce state (forwarder.bgp) in `stats`: nothing without [bgp]."""
+    if bgp is None:
+        return []
+    if "error" in bgp:
+        return [f"bgp        announcer not answering: {bgp['error']}"]
+    state = {True: "ANNOUNCED", False: "WITHDRAWN", None: "UNKNOWN"}[bgp["announced"]]
+    return [f"bgp        {state} ({', '.join(bgp['protocols'])}): {bgp['reason']}"]
+
+
 def format_stats(s: dict[str, Any], errors: Sequence[dict[str, Any]] = ()) -> str:
     r = s.get("rates", {})
 
@@ -362,6 +373,7 @@ def format_stats(s: dict[str, Any], errors: Sequence[dict[str, Any]] = ()) -> st
     lines = [
         f"forwarder {s['pop']}: {s['workers']} worker{'s' * (s['workers'] != 1)}, "
         f"up {duration(s['uptime_s'] * 1000)}, store {store}",
+        *_bgp_line(s.get("bgp")),
         f"packets    {s['packets']}" + (f"  {rate(r['packets'])[:-2]} pps" if r else ""),
         f"local      hits {n('hits')}, new flows {n('new')}, misses {n('misses')}, "
         f"not ours {s['passed']}",

@@ -385,3 +385,26 @@ def test_worker_report_reads_the_plan_and_the_store(tmp_path: Path) -> None:
     fwd.plan = plan_engine(cfg, down={key})  # health checks took the only backend out
     fwd.store = None
     assert worker_report(fwd, cache) == WorkerReport(("tcp 10.0.0.1:80",), store_connected=False)
+
+
+def test_stats_view_shows_the_announce_state() -> None:
+    from flowstate.cli_ops import format_stats, summarize
+
+    worker = {
+        "worker": 0,
+        "pid": 5,
+        "uptime_s": 1.0,
+        "engine": {},
+        "core": {},
+        "rings": [],
+        "store": {"connected": True},
+        "store_latency": {},
+    }
+    bgp = {"announced": False, "protocols": ["vip4", "vip6"], "reason": "worker 0 starting"}
+    text = format_stats(summarize({"pop": "p", "workers": [worker], "bgp": bgp}, None, None))
+    assert "bgp        WITHDRAWN (vip4, vip6): worker 0 starting" in text
+    text = format_stats(summarize({"pop": "p", "workers": [worker], "bgp": None}, None, None))
+    assert "bgp " not in text
+    gone = {"error": "no forwarder control socket at /run/x.bgp"}
+    text = format_stats(summarize({"pop": "p", "workers": [worker], "bgp": gone}, None, None))
+    assert "bgp        announcer not answering: no forwarder control socket" in text
