@@ -387,6 +387,10 @@ class ForwardingCore:
                 continue
             bid = self._valid_backend(flow, theirs)
             if bid is None:
+                if self._names_dead_backend(flow, theirs):
+                    # A UDP flow's first datagram after its backend died: ours replaces it.
+                    self._remember_writeback(flow, entry[0])
+                    self._overwrite.add(flow)
                 continue
             self.counters["pins_adopted"] += 1
             self.engine.install(flow, bid, now_ms)

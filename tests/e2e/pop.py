@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -102,7 +103,8 @@ class Pop:
         ns.disable_offloads(dev, ("gro", "lro", "tso", "gso"))
 
     def add_backend(self, n: int) -> Netns:
-        """Backend n: fabric address fd00:3::2n, decap address fd00:b::n, servers on the VIPs."""
+        """Backend n: fabric address fd00:3::2n, decap address fd00:b::n, servers on the VIPs
+        (and on the fabric address, for health checks: the decap address is only a route)."""
         ns = self.topo.add_netns(f"b{n}")
         dev = f"b{n}-fab"
         self._fabric(ns, dev, [f"10.3.0.{20 + n}/24", f"fd00:3::{20 + n}/64"])
@@ -128,11 +130,9 @@ class Pop:
         self.fwd.add_route(f"{decap_addr(n)}/128", f"fd00:3::{20 + n}")
         py = [sys.executable, "-m", "tests.e2e.tools"]
         env = {"PYTHONPATH": str(REPO)}
+        binds = ["--bind", VIP4, "--bind", VIP6, "--bind", f"fd00:3::{20 + n}"]
         for kind, port in (("serve-http", 80), ("serve-udp", 53)):
-            proc = ns.popen(
-                [*py, kind, "--name", f"b{n}", "--bind", VIP4, "--bind", VIP6, "--port", str(port)],
-                env=env,
-            )
+            proc = ns.popen([*py, kind, "--name", f"b{n}", *binds, "--port", str(port)], env=env)
             assert proc.stdout is not None
             line = proc.stdout.readline()
             assert line.strip() == "ready", f"b{n} {kind} did not start: {line!r}"
@@ -214,6 +214,23 @@ class Pop:
         log.close()
         ok = wait_until(lambda: "store connected" in self.log() or self.forwarder_died(), 20)
         assert ok and not self.forwarder_died(), f"forwarder did not start:\n{self.log()}"
+
+    def reload_forwarder(self, impl: str, backends: list[int], text: str | None = None) -> str:
+        """Rewrite the config file (with `backends`, or as `text`), send the running forwarder
+        SIGHUP and wait for its verdict; returns the log lines the reload wrote."""
+        assert self.forwarder is not None and not self.forwarder_died()
+        before = len(self.log())
+        config = text if text is not None else self.config_text(impl, backends)
+        (self.workdir / "forwarder.toml").write_text(config)
+        os.kill(self.forwarder.pid, signal.SIGHUP)  # `ip netns exec` execs: it is the daemon
+
+        def answered() -> bool:
+            new = self.log()[before:]
+            return " applied (" in new or "still running the previous config" in new
+
+        ok = wait_until(lambda: answered() or self.forwarder_died(), 30)
+        assert ok and not self.forwarder_died(), f"no reload:\n{self.log()[-3000:]}"
+        return "\n".join(line for line in self.log()[before:].splitlines() if "reload: " in line)
 
     def forwarder_died(self) -> bool:
         return self.forwarder is None or self.forwarder.poll() is not None

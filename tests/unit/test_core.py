@@ -251,3 +251,27 @@ def _table_pick(backends: list[bytes], port: int) -> int:
     entries = array("H")
     entries.frombytes(_table(backends))
     return entries[to_tuple(flow(port)).hash64() % len(entries)]
+
+
+async def test_pin_conflict_with_a_dead_backend_overwrites(impl: str) -> None:
+    """UDP: the first datagram of a flow unknown here is a new flow (Maglev, then SET NX). If
+    the store names a dead backend, the new choice is kept and written over it."""
+    store = MemoryStore()
+    udp = (17, CLIENT, 48000, VIP, 53)
+    await store.pin_many([(to_tuple(udp), FlowRecord(BACKENDS[2], VIP, 1, "x"), 60_000)])
+    pop = make_pop(impl, "pop1", BACKENDS[:2], allowed=BACKENDS[:3])
+    pop.engine.set_vip(1, VIP, 53, 17)
+    pop.engine.set_maglev(1, _table(BACKENDS[:2]))
+    pop.set_vip(1, VIP, 53, 17, [0, 1, 2], usable=[0, 1])
+    frame = P.frame(P.ipv4(CLIENT, VIP, P.udp(CLIENT, VIP, 48000, 53, b"q"), proto=17))
+    r = feed(pop, [frame])
+    assert r.verdicts == bytes([P.Verdict.NEW])
+    ours = r.tx[0][0]
+    await run_store(pop, store, NOW)  # NX finds the dead backend's record
+    assert pop.counters["record_backend_down"] == 1 and pop.counters["pins_adopted"] == 0
+    work = pop.take_store_work(NOW + 1)
+    assert work.overwrites == {udp}
+    await store.delete([to_tuple(f) for f in work.overwrites])
+    pop.on_pins(work, await store.pin_many([(to_tuple(f), r, t) for f, r, t in work.pins]), NOW)
+    (rec,) = await store.lookup_many([to_tuple(udp)])
+    assert rec is not None and rec.backend_ip == BACKENDS[ours]
