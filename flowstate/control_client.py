@@ -8,6 +8,8 @@ The protocol, one JSON object per line in each direction, requests answered in o
 
 Methods: `ping`, `stats`, `flow`, `backends`, `drain`, `undrain`, `weight` (see
 forwarder/control.py). `VipSelector` is shared by the CLI and the server.
+The supervisor's BGP announcer answers `bgp`, `drain_pop` and `undrain_pop` the same way on
+``<socket>.bgp`` (forwarder/bgp.py).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from flowstate.control_client import ControlClient, ControlError
 from forwarder.config import BackendState, BgpConfig, BgpKind, ForwarderConfig, VipConfig
 
 if TYPE_CHECKING:
-    from forwarder.service import Forwarder
+    from forwarder.service import BackendKey, Forwarder
 
 log = logging.getLogger("flowstate.forwarder.bgp")
 
@@ -84,10 +84,9 @@ class WorkerReport:
         return cls(tuple(vips), store)
 
 
-def usable_backends(vip: VipConfig, down: Collection[Any] = ()) -> int:
+def usable_backends(vip: VipConfig, down: Collection[BackendKey] = ()) -> int:
     """Backends of `vip` that can take new flows: active, weight above 0, and not taken out by
-    health checks. `down` holds ``((address, port, proto), backend address)`` keys, packed, as
-    `Plan.down` does."""
+    health checks (`down`, as `Plan.down` holds them)."""
     key = (vip.address.packed, vip.port, int(vip.protocol))
     return sum(
         1
@@ -97,28 +96,22 @@ def usable_backends(vip: VipConfig, down: Collection[Any] = ()) -> int:
 
 
 class _ReportCache:
-    """`worker_report` walks every backend: do it only when the config or the plan changed."""
+    """`worker_report` walks every backend: only when the config or the plan changed."""
 
     def __init__(self) -> None:
-        self.key: tuple[object, object] | None = None
+        self.config: object = None
+        self.plan: object = None
         self.vips_down: tuple[str, ...] = ()
 
 
 def worker_report(fwd: Forwarder, cache: _ReportCache | None = None) -> WorkerReport:
-    """This worker's health for the announcer. The hook for health checks is `Plan.down` (the
-    backends forwarder/health.py takes out of new-flow selection), read where it exists."""
-    plan = fwd.plan
-    if (
-        cache is None
-        or cache.key is None
-        or cache.key[0] is not fwd.config
-        or cache.key[1] is not plan
-    ):
-        down = getattr(plan, "down", ())
-        vips_down = tuple(str(v) for v in fwd.config.vips if not usable_backends(v, down))
-        if cache is None:
-            return WorkerReport(vips_down, fwd.store is not None)
-        cache.key, cache.vips_down = (fwd.config, plan), vips_down
+    """This worker's health for the announcer. Health checks reach it through `Plan.down`
+    (the backends forwarder/health.py takes out of new-flow selection)."""
+    cache = cache if cache is not None else _ReportCache()
+    if cache.config is not fwd.config or cache.plan is not fwd.plan:
+        down = fwd.plan.down
+        cache.vips_down = tuple(str(v) for v in fwd.config.vips if not usable_backends(v, down))
+        cache.config, cache.plan = fwd.config, fwd.plan
     return WorkerReport(cache.vips_down, fwd.store is not None)
 
 

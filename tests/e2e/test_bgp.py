@@ -60,6 +60,7 @@ class Lab:
     forwarder: subprocess.Popen[str] | None = None
     logs: list[Path] = field(default_factory=list)
     health: bool = False
+    workers: int = 1
     """Check the backend with TCP connects to CHECK_PORT on the router (see `check_server`)."""
 
     @property
@@ -77,6 +78,7 @@ class Lab:
             )
         return (
             f'pop = "pop1"\ninterfaces = ["f-rt"]\nsource_ipv6 = "{PEER.pop6}"\nimpl = "{impl}"\n'
+            f"workers = {self.workers}\n"
             f'[store]\nkind = "memory"\n'
             f'[control]\nsocket = "{self.control}"\nmetrics = ""\n'
             f'[bgp]\nkind = "bird"\nsocket = "{self.speaker.socket}"\n'
@@ -268,6 +270,23 @@ def test_stalled_worker_withdraws_and_recovers(lab: Lab) -> None:
         os.kill(worker["pid"], signal.SIGCONT)
     assert wait_until(lab.announced, 30, 0.1), lab.log()
     assert lab.status()["workers"][0]["pid"] == worker["pid"]
+
+
+def test_any_dead_worker_of_several_withdraws(lab: Lab) -> None:
+    lab.stop_forwarder()
+    lab.workers = 2
+    try:
+        lab.ensure_announced()
+        workers = lab.status()["workers"]
+        assert [w["state"] for w in workers] == ["running", "running"]
+        os.kill(workers[1]["pid"], signal.SIGKILL)  # not the one serving the control API
+        assert wait_until(lab.withdrawn, WITHDRAW_WITHIN_S, 0.02), lab.log()
+        assert "BGP: withdrew the VIPs (vip4, vip6): worker 1 " in lab.log()
+        assert wait_until(lab.announced, 60, 0.1), lab.log()
+        assert lab.status()["workers"][0]["pid"] == workers[0]["pid"]
+    finally:
+        lab.stop_forwarder()
+        lab.workers = 1
 
 
 def test_no_healthy_backend_withdraws(lab: Lab) -> None:
