@@ -19,7 +19,7 @@ import pytest
 from forwarder.fastpath import c_engine_available
 from tests.e2e.conftest import require_netns
 from tests.e2e.pop import CLIENT4, REPO, VIP4, Pop, decap_addr
-from tests.netns import Topology
+from tests.netns import Topology, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -56,23 +56,34 @@ def failures(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in results if r["error"] is not None]
 
 
-def cli(pop: Pop, *args: str) -> Any:
+def cli(pop: Pop, *args: str, socket: str = "ctl.sock") -> Any:
     """`flowstate ARGS --socket <this POP's>` in the forwarder's namespace."""
     return pop.fwd.run(
-        [sys.executable, "-m", "flowstate.cli", *args, "--socket", str(pop.workdir / "ctl.sock")],
+        [sys.executable, "-m", "flowstate.cli", *args, "--socket", str(pop.workdir / socket)],
         env={"PYTHONPATH": str(REPO)},
         check=False,
         timeout=90,
     )
 
 
+class WorkersPop(Pop):
+    """The standard POP with a settable number of workers."""
+
+    workers = 1
+
+    def config_text(self, impl: str, backends: list[int]) -> str:
+        text = super().config_text(impl, backends)
+        return text.replace("\n[store]\n", f"\nworkers = {self.workers}\n[store]\n", 1)
+
+
 @pytest.fixture(scope="module")
-def pop() -> Iterator[Pop]:
+def pop() -> Iterator[WorkersPop]:
     require_netns()
     topo = Topology(tag="reload")
     built: Pop | None = None
     try:
-        built = Pop.build(topo, backends=4)
+        built = WorkersPop.build(topo, backends=4)
+        assert isinstance(built, WorkersPop)
         built.start_forwarder(IMPL, backends=[1, 2, 3])
         yield built
     finally:
@@ -124,7 +135,7 @@ def test_removing_a_backend_moves_only_its_flows(pop: Pop) -> None:
             assert after[port] == backend, (port, backend, after[port])  # untouched
 
 
-def test_invalid_config_keeps_the_old_one_running(pop: Pop) -> None:
+def test_invalid_config_keeps_the_old_one_running(pop: WorkersPop) -> None:
     if pop.forwarder_died():
         pop.start_forwarder(IMPL, [1, 2, 3])
     assert pop.forwarder is not None
@@ -142,9 +153,11 @@ def test_invalid_config_keeps_the_old_one_running(pop: Pop) -> None:
     assert answer.stderr.count("\n") == 1 and "Traceback" not in answer.stderr
 
     # Start-up settings: reported as needing a restart, the rest applied.
-    (pop.workdir / "forwarder.toml").write_text(
-        pop.config_text(IMPL, [1, 2]).replace("\n[store]\n", "\nworkers = 2\n[store]\n", 1)
-    )
+    pop.workers = 2
+    try:
+        (pop.workdir / "forwarder.toml").write_text(pop.config_text(IMPL, [1, 2]))
+    finally:
+        pop.workers = 1
     applied = cli(pop, "reload", "--json")
     assert applied.returncode == 0, (applied.stderr, pop.log()[-2000:])
     doc = json.loads(applied.stdout)
@@ -156,3 +169,28 @@ def test_invalid_config_keeps_the_old_one_running(pop: Pop) -> None:
     listed = json.loads(cli(pop, "backends", "ls", "--json").stdout)
     assert {b["address"] for b in listed["vips"][0]["backends"]} == {decap_addr(1), decap_addr(2)}
     assert pop.forwarder.pid == pid and os.path.exists(f"/proc/{pid}")
+
+
+def test_two_workers_reload_as_one_forwarder(pop: WorkersPop) -> None:
+    """SIGHUP to the supervisor reaches every worker; the control API's reload fans out (last
+    test: it leaves the forwarder running with two workers)."""
+    pop.stop_forwarder()
+    pop.workers = 2
+    pop.start_forwarder(IMPL, backends=[1, 2, 3])
+    assert wait_until(lambda: pop.log().count("control API on") == 2, 20), pop.log()[-2000:]
+    assert pop.forwarder is not None
+    supervisor = pop.forwarder.pid
+    pop.reload_forwarder(IMPL, [1, 2, 3, 4])
+    assert wait_until(lambda: pop.log().count(" applied (") == 2, 30), pop.log()[-3000:]
+    for socket, worker in (("ctl.sock", 0), ("ctl.sock.1", 1)):
+        listed = cli(pop, "backends", "ls", "--json", socket=socket)
+        assert listed.returncode == 0, listed.stderr
+        doc = json.loads(listed.stdout)
+        assert doc["worker"] == worker
+        assert decap_addr(4) in {b["address"] for b in doc["vips"][0]["backends"]}
+    answer = cli(pop, "reload", "--json")
+    assert answer.returncode == 0, answer.stderr
+    assert sorted(json.loads(answer.stdout)["workers"]) == [0, 1]
+    assert pop.forwarder.pid == supervisor and not pop.forwarder_died()
+    fresh = pop.tool("http-clients", "--vip", VIP4, "--conns", "60")
+    assert not failures(fresh) and "b4" in {r["backends"][0] for r in fresh}
