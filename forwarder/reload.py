@@ -25,17 +25,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flowstate.forwarder")
 
-#: Top-level settings used only at start-up (engine, rings, workers, store client, sockets).
-RESTART_FIELDS = (
-    "pop",
-    "interfaces",
-    "source_ipv6",
-    "workers",
-    "impl",
-    "timeouts",
-    "flow_table",
-    "control",
-)
+#: Top-level settings a reload applies. Every other one (interfaces, workers, impl, source
+#: address, timeouts, flow table, control socket, ...) is read at start-up only; so is any setting
+#: added later unless it is listed here.
+LIVE_FIELDS = ("vips", "health", "store")
 #: Store settings the slow path reads live; the others belong to the store client.
 LIVE_STORE_FIELDS = ("lookup_patience_ms", "max_writes_per_s", "fallback")
 
@@ -58,7 +51,7 @@ def merge(running: ForwarderConfig, loaded: ForwarderConfig) -> tuple[ForwarderC
     others; and the names of those that changed but need a restart."""
     needs: list[str] = []
     kept: dict[str, Any] = {}
-    for name in RESTART_FIELDS:
+    for name in (f.name for f in dataclasses.fields(running) if f.name not in LIVE_FIELDS):
         old, new = getattr(running, name), getattr(loaded, name)
         if old != new:
             needs.extend(_differences(name, old, new))
@@ -131,7 +124,12 @@ async def reload_config(fwd: Forwarder) -> dict[str, Any]:
     async with fwd.change_lock:
         config, needs = merge(fwd.config, loaded)
         changes = describe(fwd.config, config)
-        await apply_config(fwd, config)
+        try:
+            await apply_config(fwd, config)
+        except Exception as exc:  # a bug; the SIGHUP path has nobody else to tell
+            log.exception("reload: applying %s failed", path)
+            answer["error"] = {"field": "(apply)", "reason": f"{type(exc).__name__}: {exc}"}
+            return answer
         fwd.configured = config
     for line in changes:
         log.info("reload: %s", line)
