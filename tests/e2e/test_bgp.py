@@ -204,6 +204,7 @@ def test_worker_sigkill_withdraws_within_a_second_and_restart_reannounces(lab: L
     assert wait_until(lab.withdrawn, WITHDRAW_WITHIN_S, 0.02), (
         f"still announced {time.monotonic() - killed:.2f} s after the SIGKILL\n{lab.log()}"
     )
+    print(f"withdrawn at the router {time.monotonic() - killed:.3f} s after the SIGKILL")
     assert "BGP: withdrew the VIPs (vip4, vip6): worker 0 " in lab.log()
     # The supervisor restarts the worker; once it is healthy the VIPs come back.
     assert wait_until(lab.announced, 60, 0.1), f"not re-announced\n{lab.log()}"
