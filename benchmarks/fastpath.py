@@ -48,6 +48,7 @@ from benchmarks.framework import (
     Report,
     RunOptions,
     Stats,
+    interleave,
     ratio,
     register,
 )
@@ -241,9 +242,14 @@ class FastpathBenchmark(Benchmark):
             )
             profiles: dict[str, dict[str, Any]] = {}
             try:
-                for rnd in range(settings.rounds):
-                    for peer in settings.peers:
-                        self._run_peer(ctx, lab, peer, rnd, settings, results)
+                by_peer = interleave(
+                    settings.peers,
+                    settings.rounds,
+                    lambda peer, rnd: self._run_peer(ctx, lab, peer, rnd, settings),
+                    name=lambda peer: peer.name,
+                )
+                for peer_name, rounds in by_peer.items():
+                    results[peer_name] = {size: [r[size] for r in rounds] for size in SIZES}
                 out = ctx.options.out
                 if ctx.options.profile and out is not None:
                     if profiling.available():
@@ -330,9 +336,10 @@ class FastpathBenchmark(Benchmark):
         peer: Peer,
         rnd: int,
         settings: Settings,
-        results: dict[str, dict[int, list[SizeResult]]],
-    ) -> None:
+    ) -> dict[int, SizeResult]:
+        """One round of one peer: pin the flows, then every size."""
         tag = f"round {rnd + 1}/{settings.rounds} {peer.name}"
+        out: dict[int, SizeResult] = {}
         self._setup_peer(lab, peer)
         try:
             bursts = lab.warm()
@@ -344,9 +351,7 @@ class FastpathBenchmark(Benchmark):
                     best, limited, probes = search_loss_free(lab, sink, size, settings, sat)
                 finally:
                     sink.close()
-                results.setdefault(peer.name, {}).setdefault(size, []).append(
-                    SizeResult(sat, best, limited, probes)
-                )
+                out[size] = SizeResult(sat, best, limited, probes)
                 flag = " (generator-limited)" if limited else ""
                 ctx.step(
                     f"{tag} {size} B: loss-free {best:,.0f} pps{flag}, saturated "
@@ -355,6 +360,7 @@ class FastpathBenchmark(Benchmark):
         finally:
             if peer.kind == "daemon":
                 lab.stop_daemon()
+        return out
 
 
 # ---- report ----------------------------------------------------------------------------------

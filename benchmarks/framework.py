@@ -30,6 +30,7 @@ __all__ = [
     "interleave",
     "ratio",
     "register",
+    "stats_by_key",
 ]
 
 #: Modules that define benchmarks, in the order `run` executes them.
@@ -215,22 +216,29 @@ def ratio(a: Stats, b: Stats) -> float:
 
 
 _P = TypeVar("_P")
+_R = TypeVar("_R")
 
 
 def interleave(
     peers: Sequence[_P],
     rounds: int,
-    measure: Callable[[_P, int], Mapping[str, float]],
+    measure: Callable[[_P, int], _R],
     name: Callable[[_P], str] = str,
-) -> dict[str, dict[str, Stats]]:
+) -> dict[str, list[_R]]:
     """Measure every peer once per round, in the same order each round (A B C A B C ...), so
     that drifts of a shared, noisy machine hit every peer alike.
 
-    `measure(peer, round)` returns metrics by key; the result maps peer name → key → Stats.
+    `measure(peer, round)` returns that round's result; the result maps each peer's name to
+    its results in round order (see `stats_by_key` to summarise them).
     """
-    samples: dict[str, dict[str, list[float]]] = {}
+    results: dict[str, list[_R]] = {}
     for rnd in range(rounds):
         for peer in peers:
-            for key, value in measure(peer, rnd).items():
-                samples.setdefault(name(peer), {}).setdefault(key, []).append(value)
-    return {p: {k: Stats.of(v) for k, v in by_key.items()} for p, by_key in samples.items()}
+            results.setdefault(name(peer), []).append(measure(peer, rnd))
+    return results
+
+
+def stats_by_key(results: Sequence[Mapping[str, float]]) -> dict[str, Stats]:
+    """Stats of each metric over rounds, from `interleave` results that are metric dicts."""
+    keys = {k for r in results for k in r}
+    return {k: Stats.of([r[k] for r in results if k in r]) for k in sorted(keys)}
