@@ -109,9 +109,10 @@ def test_adding_a_backend_by_sighup_moves_no_open_connection(pop: Pop) -> None:
     assert f"tcp {VIP4}:80: backend {decap_addr(4)} added" in lines, lines
     results = json.loads(out)
     assert not failures(results), (failures(results)[:3], err[-2000:], pop.log()[-2000:])
+    # A connection moved by the reload would show two backends, or a reset (b4 has no socket
+    # for it). One that a loaded machine opened only after the reload may start on b4.
     for r in results:
         assert len(r["backends"]) == 30 and len(set(r["backends"])) == 1, r
-        assert r["backends"][0] != "b4"
     assert pop.forwarder.pid == pid and not pop.forwarder_died()  # no restart
     assert "counters at exit" not in pop.log()
     fresh = pop.tool("http-clients", "--vip", VIP4, "--conns", "40")
