@@ -338,6 +338,9 @@ class ForwarderConfig:
     """Worker processes (AF_PACKET fanout members)."""
     impl: Impl = Impl.C
     """Data path: ``c`` (the fast path) or ``python`` (the reference)."""
+    ingress_drop: bool = True
+    """Drop the VIPs' frames in an nftables netdev ingress hook after the forwarder's packet tap
+    has them, so the host's IP stack does not process them too (needs ``nft``)."""
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     flow_table: FlowTableConfig = field(default_factory=FlowTableConfig)
@@ -404,6 +407,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Fo
         "source_ipv6": source,
         "workers": top.integer("workers", 1, 1024),
         "impl": top.choice("impl", Impl),
+        "ingress_drop": top.boolean("ingress_drop"),
         "timeouts": _parse_timeouts(top.section("timeouts", _TIMEOUT_KEYS)),
         "store": _parse_store(top.section("store", _STORE_KEYS), base_dir),
         "flow_table": _parse_flow_table(top.section("flow_table", _FLOW_TABLE_KEYS)),

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_usage(sys.stderr)
         return 2
     from flowstate.errors import ConfigError
-    from forwarder.config import BgpKind, load_config
+    from forwarder.config import load_config
 
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -216,6 +216,22 @@ def main(argv: list[str] | None = None) -> int:
 
         for ifname in config.interfaces:
             disable_offloads(ifname)
+    if args.worker is None and config.ingress_drop:
+        from forwarder import ingress
+
+        vips = [v.address.packed for v in config.vips]
+        dropping = ingress.install(config.interfaces, vips)
+        try:
+            return _run(args, config)
+        finally:
+            ingress.remove(dropping)
+    return _run(args, config)
+
+
+def _run(args: argparse.Namespace, config: ForwarderConfig) -> int:
+    """Supervise workers, or be the one worker."""
+    from forwarder.config import BgpKind
+
     if args.worker is None and (config.workers > 1 or config.bgp.kind is not BgpKind.NONE):
         # BGP: even one worker runs under the supervisor, which withdraws when it dies.
         from forwarder.control import socket_in_use

@@ -138,3 +138,17 @@ def test_adding_a_backend_moves_no_open_connection(pop: tuple[Pop, str]) -> None
     fresh = p.tool("http-clients", "--vip", VIP4, "--conns", "40")
     assert not failures(fresh)
     assert "b4" in {r["backends"][0] for r in fresh}
+
+
+def test_vip_frames_are_dropped_after_the_tap(pop: tuple[Pop, str]) -> None:
+    """The forwarder installs an nft netdev ingress drop for the VIPs (its ring still gets
+    every frame: the requests above went through) and removes it when it stops."""
+    p, impl = pop
+    ensure_forwarder(p, impl, [1, 2, 3])
+    listing = p.fwd.run(["nft", "list", "table", "netdev", "flowstate_f_rt"]).stdout
+    assert VIP4 in listing and VIP6 in listing and "drop" in listing
+    results = p.tool("http-clients", "--vip", VIP4, "--conns", "5", "--requests", "2")
+    assert not failures(results)
+    p.stop_forwarder()
+    gone = p.fwd.run(["nft", "list", "table", "netdev", "flowstate_f_rt"], check=False)
+    assert gone.returncode != 0
