@@ -9,6 +9,7 @@ packets once their flow is known. It never does I/O and never reads the clock: t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
@@ -20,6 +21,9 @@ from flowstate.record import FlowRecord
 
 #: A flow as the engine reports it: (proto, client_ip, client_port, vip_ip, vip_port).
 FlowT = tuple[int, bytes, int, bytes, int]
+#: Per-flow events, one line each at debug (`key=value` fields); never per packet.
+flow_log = logging.getLogger("flowstate.flows")
+
 #: Engine event codes (forwarder/DATAPATH.md).
 EVENT_NEW, EVENT_CLOSE, EVENT_TOUCH, EVENT_EVICTED = 1, 2, 3, 4
 
@@ -288,6 +292,7 @@ class ForwardingCore:
         bid = self._backend_ids.get(rec.backend_ip)
         if vip is None or bid is None or bid not in vip.backends or rec.vip_ip != flow[3]:
             self.counters["record_rejected"] += 1
+            _log_flow("record_rejected", flow, backend=rec.backend, pinned_by=rec.pop)
             return None
         if bid not in vip.usable:
             self.counters["record_backend_down"] += 1
@@ -305,7 +310,9 @@ class ForwardingCore:
         if vip is None:
             return -1
         self.counters["fallbacks"] += 1
-        return self.engine.maglev_pick(vip.vip_id, to_tuple(flow).hash64())
+        backend_id = self.engine.maglev_pick(vip.vip_id, to_tuple(flow).hash64())
+        _log_flow("maglev_fallback", flow, backend_id=backend_id)
+        return backend_id
 
     def on_lookups(
         self, flows: Sequence[FlowT], records: Sequence[FlowRecord | None] | None, now_ms: int
@@ -336,6 +343,8 @@ class ForwardingCore:
             else:
                 self.counters["lookup_hits"] += 1
                 backend_id = self._valid_backend(flow, rec)
+                if backend_id is not None:
+                    _log_flow("store_hit", flow, backend=rec.backend, pinned_by=rec.pop)
             if backend_id is None:
                 backend_id = self._fallback(flow)
                 if backend_id >= 0:
@@ -393,9 +402,17 @@ class ForwardingCore:
                     self._overwrite.add(flow)
                 continue
             self.counters["pins_adopted"] += 1
+            _log_flow("pin_adopted", flow, backend=theirs.backend, pinned_by=theirs.pop)
             self.engine.install(flow, bid, now_ms)
 
     def requeue_failed_lookups(self, flows: Sequence[FlowT]) -> None:
         """A lookup batch was cancelled (shutdown): let its flows be looked up again."""
         for flow in flows:
             self._in_flight.discard(flow)
+
+
+def _log_flow(event: str, flow: FlowT, **fields: object) -> None:
+    """One structured debug line per flow event: `event=... flow="..." k=v ...`."""
+    if flow_log.isEnabledFor(logging.DEBUG):
+        extra = " ".join(f"{k}={v}" for k, v in fields.items())
+        flow_log.debug('event=%s flow="%s" %s', event, to_tuple(flow), extra)
