@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 #: Modules that define benchmarks, in the order `run` executes them.
-MODULES = ("benchmarks.fastpath", "benchmarks.memory")
+MODULES = ("benchmarks.fastpath", "benchmarks.memory", "benchmarks.new_flows")
 
 
 class BenchmarkError(RuntimeError):
