@@ -34,7 +34,13 @@ __all__ = [
 ]
 
 #: Modules that define benchmarks, in the order `run` executes them.
-MODULES = ("benchmarks.fastpath", "benchmarks.memory", "benchmarks.new_flows")
+MODULES = (
+    "benchmarks.fastpath",
+    "benchmarks.memory",
+    "benchmarks.new_flows",
+    "benchmarks.recovery",
+    "benchmarks.latency",
+)
 
 
 class BenchmarkError(RuntimeError):
