@@ -1,6 +1,7 @@
 """`deploy/lab`: build the anycast lab, run the scenario in each mode, print the comparison.
 
 deploy/lab run [--quick] [--json] [--connections N] [--mode M] [--out DIR] [--keep]
+deploy/lab run --fault NAME|all [--quick] [--json]   faults (deploy/labkit/faults.py)
 deploy/lab up      build the lab and keep it until Ctrl-C (explore it with ip netns exec)
 deploy/lab down    remove what a crashed or killed lab left behind
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -19,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from deploy.labkit.bird import bird_missing
 from deploy.labkit.netns import netns_unavailable, remove_stale_namespaces
@@ -33,7 +36,10 @@ from deploy.labkit.scenario import (
 )
 from deploy.labkit.topology import Lab, LabSize
 
-__all__ = ["main", "run_lab"]
+if TYPE_CHECKING:
+    from deploy.labkit.faults import FaultOptions, FaultRun
+
+__all__ = ["main", "run_faults", "run_lab"]
 
 PROG = "deploy/lab"
 WORKDIR_PREFIX = "flowstate-lab-"
@@ -94,6 +100,35 @@ def _workdir() -> Path:
     return wd
 
 
+@contextlib.contextmanager
+def _lab_session(
+    size: LabSize | None,
+    log: Callable[[str], None],
+    keep_workdir: bool,
+    on_built: Callable[[Lab], None] | None,
+) -> Iterator[tuple[Lab, RouteMonitor]]:
+    """A built lab with its health gate and route monitor; everything torn down on exit."""
+    remove_stale_namespaces()
+    started = time.monotonic()
+    with _teardown_on_signals():
+        lab = Lab.build(size or LabSize(), workdir=_workdir(), log=log)
+        try:
+            if on_built is not None:
+                on_built(lab)
+            with lab.health_gate():
+                monitor = RouteMonitor(lab)
+                try:
+                    yield lab, monitor
+                finally:
+                    monitor.close()
+        finally:
+            with _shielded():
+                if keep_workdir:
+                    log(f"tearing the lab down (configs and logs kept in {lab.workdir})")
+                lab.close(keep_workdir=keep_workdir)
+                log(f"lab torn down; {time.monotonic() - started:.0f}s in all")
+
+
 def run_lab(
     modes: list[str],
     opts: ScenarioOptions,
@@ -107,33 +142,82 @@ def run_lab(
 
     `on_built` sees the lab once it is up (tests use it to note what must be gone after).
     """
-    remove_stale_namespaces()
-    started = time.monotonic()
-    with _teardown_on_signals():
-        lab = Lab.build(size or LabSize(), workdir=_workdir(), log=log)
-        runs: list[ModeRun] = []
-        try:
-            if on_built is not None:
-                on_built(lab)
-            with lab.health_gate():
-                monitor = RouteMonitor(lab)
-                try:
-                    for mode in modes:
-                        runs.append(run_mode(lab, mode, opts, monitor, log))
-                finally:
-                    monitor.close()
-        finally:
-            with _shielded():
-                if keep_workdir:
-                    log(f"tearing the lab down (configs and logs kept in {lab.workdir})")
-                lab.close(keep_workdir=keep_workdir)
-                log(f"lab torn down; {time.monotonic() - started:.0f}s in all")
+    runs: list[ModeRun] = []
+    with _lab_session(size, log, keep_workdir, on_built) as (lab, monitor):
+        for mode in modes:
+            runs.append(run_mode(lab, mode, opts, monitor, log))
     return runs
+
+
+def run_faults(
+    faults: list[str],
+    opts: FaultOptions,
+    *,
+    size: LabSize | None = None,
+    log: Callable[[str], None] = print,
+    keep_workdir: bool = False,
+    on_built: Callable[[Lab], None] | None = None,
+) -> list[FaultRun]:
+    """Build the lab, run each fault's scenario (deploy/labkit/faults.py) on it, tear down."""
+    from deploy.labkit.faults import CounterSampler, run_fault
+
+    runs: list[FaultRun] = []
+    session = _lab_session(size, log, keep_workdir, on_built)
+    with session as (lab, monitor), CounterSampler(lab.pops) as sampler:
+        for fault in faults:
+            runs.append(run_fault(lab, fault, opts, monitor, sampler, log))
+    return runs
+
+
+def _cmd_faults(args: argparse.Namespace) -> int:
+    from deploy.labkit.faults import FAULTS, FaultOptions, fault_table, summarize_fault, with_quick
+
+    names = list(FAULTS) if args.fault == "all" else [args.fault]
+    opts = FaultOptions(
+        connections=args.connections,
+        late_connections=max(10, args.connections // 5),
+        udp_flows=args.udp_flows,
+        interval=args.interval,
+        impl=args.impl,
+    )
+    if args.quick:
+        opts = with_quick(opts)
+    if args.gap is not None:
+        opts = dataclasses.replace(opts, gap=args.gap)
+    if args.connections < 1 or args.udp_flows < 0 or args.interval <= 0:
+        print(f"{PROG}: --connections must be >= 1, --udp-flows >= 0, --interval > 0")
+        return 2
+    problem = preflight(opts.impl)
+    if problem:
+        print(f"{PROG}: cannot run: {problem} (deploy/demo installs everything)", file=sys.stderr)
+        return 2
+    out = sys.stderr if args.json else sys.stdout
+
+    def log(text: str) -> None:
+        if text:
+            print(text, file=out, flush=True)
+
+    runs = run_faults(names, opts, log=log, keep_workdir=args.keep)
+    summaries = {run.fault: summarize_fault(run) for run in runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "faults.json"
+    doc = {"options": {**vars(args), "out": str(args.out)}, "faults": summaries}
+    path.write_text(json.dumps(doc, indent=1, default=str))
+    if args.json:
+        print(json.dumps({"faults": summaries}, indent=2))
+    else:
+        print()
+        print(fault_table(summaries))
+        print()
+    print(f"results: {path}", file=out)
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from deploy.labkit.results import comparison_table, plot_timeline, summarize, write_json
 
+    if args.fault is not None:
+        return _cmd_faults(args)
     modes = list(MODES) if args.mode == "all" else [args.mode]
     tuning: dict[str, float] = dict(QUICK) if args.quick else {}
     if args.gap is not None:
@@ -255,9 +339,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated steps: move:POP, add:N, drain:N, crash "
         f"(default {','.join(DEFAULT_STEPS)})",
     )
+    r.add_argument(
+        "--fault",
+        choices=[*_fault_names(), "all"],
+        default=None,
+        help="instead of the modes: run a fault's scenario in flowstate mode (or all of them) "
+        "and print what was lost",
+    )
     sub.add_parser("up", help="build the lab and keep it until Ctrl-C")
     sub.add_parser("down", help="remove what a killed or crashed lab left behind")
     return p
+
+
+def _fault_names() -> list[str]:
+    from deploy.labkit.faults import FAULTS
+
+    return list(FAULTS)
 
 
 def main(argv: list[str] | None = None) -> int:

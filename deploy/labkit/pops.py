@@ -120,12 +120,20 @@ class BackendSite:
         self.ns.run(args, env={"FLOWSTATE_STATE_DIR": str(workdir / "backend-state")})
 
     def start_server(self, workdir: Path) -> None:
-        self.server = start_server(self.ns, self.name, workdir / f"{self.name}-server.log")
+        # Also on the fabric address: health checks connect there (the decap address is a
+        # seg6local route, not a socket).
+        log = workdir / f"{self.name}-server.log"
+        self.server = start_server(self.ns, self.name, log, (self.fabric4,))
 
 
-def start_server(ns: Netns, name: str, log: Path) -> subprocess.Popen[str]:
-    """The lab's HTTP + UDP server on both VIPs in `ns`; returns once it listens."""
+def start_server(
+    ns: Netns, name: str, log: Path, extra_binds: tuple[str, ...] = ()
+) -> subprocess.Popen[str]:
+    """The lab's HTTP + UDP server on both VIPs (and `extra_binds`) in `ns`; returns once it
+    listens."""
     args = ["--name", name, "--bind", VIP4, "--bind", VIP6]
+    for address in extra_binds:
+        args += ["--bind", address]
     args += ["--http-port", str(HTTP_PORT), "--udp-port", str(UDP_PORT)]
     with log.open("a") as stderr:
         proc = ns.popen(_python("deploy.labkit.servers", *args), env=_env(), stderr=stderr.fileno())
@@ -152,6 +160,9 @@ class PopSite:
     vips_on_lo: bool = False
     log_path: Path | None = None
     starts: int = 0
+    hold_route: bool = False
+    """While set, the health gate leaves the POP announced when its forwarder dies (a fault:
+    the POP keeps receiving traffic while the forwarder restarts)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -363,6 +374,6 @@ class HealthGate:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             for pop in self.pops:
-                if pop.announced and not pop.serving():
+                if pop.announced and not pop.serving() and not pop.hold_route:
                     pop.withdraw()
                     self.on_withdraw(pop.name)
