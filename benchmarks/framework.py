@@ -40,6 +40,7 @@ MODULES = (
     "benchmarks.new_flows",
     "benchmarks.recovery",
     "benchmarks.latency",
+    "benchmarks.fallback",
 )
 
 

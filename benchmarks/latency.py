@@ -181,7 +181,10 @@ class LatencyLab:
         )
 
     def start_daemons(self) -> None:
-        """Both daemons, pinned to the forwarder CPU (only one carries traffic at a time)."""
+        """Both daemons, pinned to the forwarder CPU (only one carries traffic at a time).
+
+        PYTHONSAFEPATH: `python -m` would otherwise put its working directory (the
+        repository, whose `forwarder/` may hold another build) before the snapshot."""
         for name, impl, vip in (
             ("flowstate_c", "c", VIP_C),
             ("flowstate_python", "python", VIP_PY),
@@ -194,7 +197,7 @@ class LatencyLab:
             with log.open("w") as out:
                 proc = self.fwd.popen(
                     cmd,
-                    env={"PYTHONPATH": self.pythonpath},
+                    env={"PYTHONPATH": self.pythonpath, "PYTHONSAFEPATH": "1"},
                     stdout=out.fileno(),
                     stderr=out.fileno(),
                 )

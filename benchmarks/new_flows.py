@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import pktgen, snapshot
+from benchmarks import pktgen, pyspy, snapshot
 from benchmarks.framework import (
     Benchmark,
     BenchmarkError,
@@ -100,6 +100,8 @@ class Probe:
     pinned: int
     """Records present PIN_GRACE_S later."""
     write_failures: int
+    forwarder_cpu: float = 0.0
+    """CPU seconds per second the daemon used while the generator ran."""
     latencies_ms: list[float] = field(default_factory=list)
     unpinned_samples: int = 0
 
@@ -133,6 +135,7 @@ class Probe:
             "pinned_share": round(self.pinned_share, 4),
             "backlog_at_end": self.backlog,
             "write_failures": self.write_failures,
+            "forwarder_cpu": round(self.forwarder_cpu, 3),
             "latency_ms": _quantiles(lat),
             "latency_samples": len(lat),
             "unpinned_samples": self.unpinned_samples,
@@ -144,6 +147,11 @@ class RoundResult:
     overload: Probe
     best: Probe | None
     probes: list[Probe]
+
+    @property
+    def generator_limited(self) -> bool:
+        """No probe found a rate the forwarder could not pin: the best is a lower bound."""
+        return all(p.passed for p in self.probes)
 
 
 def _quantiles(sorted_ms: list[float]) -> dict[str, float] | None:
@@ -233,7 +241,8 @@ def run_syns(lab: StoreLab, pps: int, seconds: float, latency: PinLatency | None
     db0 = cluster.dbsize()
     if latency is not None:
         latency.take()
-    batch = 256 if pps == 0 else max(16, min(256, pps // 2000))
+    batch = 256 if pps == 0 else max(16, min(256, pps // 1000))
+    cpu0 = lab.daemon_cpu_seconds()
     start = time.monotonic()
     with lab.sending("syn", count, pps, batch) as gen:
         try:
@@ -242,6 +251,7 @@ def run_syns(lab: StoreLab, pps: int, seconds: float, latency: PinLatency | None
             lab.gen.stop(gen)  # SIGTERM: it prints its report and exits
             out, _ = gen.communicate()
     elapsed = time.monotonic() - start
+    cpu = (lab.daemon_cpu_seconds() - cpu0) / elapsed
     db_end = cluster.dbsize()
     time.sleep(PIN_GRACE_S)
     db_grace = cluster.dbsize()
@@ -251,9 +261,8 @@ def run_syns(lab: StoreLab, pps: int, seconds: float, latency: PinLatency | None
     report = _generator_report(out)
     gen_seconds = float(report.get("seconds", elapsed)) or elapsed
     failures = sum(after[k] - before[k] for k in ("pin_failed", "writes_rate_limited"))
-    probe = Probe(
-        pps, int(report.get("sent", 0)), gen_seconds, db_end - db0, db_grace - db0, failures
-    )
+    sent = int(report.get("sent", 0))
+    probe = Probe(pps, sent, gen_seconds, db_end - db0, db_grace - db0, failures, cpu)
     if latency is not None:
         probe.latencies_ms, probe.unpinned_samples = latency.take()
     return probe
@@ -357,11 +366,46 @@ class NewFlowsBenchmark(Benchmark):
                     settings.rounds,
                     lambda peer, rnd: self._measure(ctx, lab, latency, peer, rnd, settings),
                 )
+                rounds = [r for r in found["flowstate"] if isinstance(r, RoundResult)]
+                profile = self._profile(ctx, lab, rounds)
             finally:
                 if latency is not None:
                     latency.close()
                 lab.close()
-        return build_report(found, settings)
+        report = build_report(found, settings)
+        if profile:
+            report.data["profile"] = profile
+            report.notes.append(
+                f"profile (py-spy --native at {profile['pps']:,} SYN/s): {profile['file']}"
+            )
+        return report
+
+    def _profile(self, ctx: Context, lab: StoreLab, rounds: list[RoundResult]) -> dict[str, Any]:
+        """With --profile: py-spy of the daemon pinning at 90% of the median carried rate."""
+        out = ctx.options.out
+        if not ctx.options.profile or out is None:
+            return {}
+        if not pyspy.available():
+            ctx.note("--profile: py-spy is not installed")
+            return {}
+        best = [r.best.offered_pps for r in rounds if r.best is not None]
+        if not best or lab.daemon is None:
+            return {}
+        pps = int(0.9 * statistics.median(best))
+        out.mkdir(parents=True, exist_ok=True)
+        raw = out / "pyspy-new_flows.raw"
+        recording = pyspy.Recording(lab.daemon.pid, 2.0, raw, delay=0.5)
+        probe = run_syns(lab, pps, 3.0, None)
+        recording.wait()
+        path = out / "profile-new_flows.txt"
+        head = (
+            f"# new_flows: forwarder (impl=c) pinning SYNs of new flows, paced at {pps:,}/s: "
+            f"offered {probe.offered_pps:,.0f}/s, {probe.pinned_share:.1%} pinned, daemon "
+            f"{probe.forwarder_cpu:.2f} CPU {recording.error}\n\n"
+        )
+        path.write_text(head + pyspy.summarize(raw))
+        ctx.note(f"profile at {pps:,} SYN/s: {path}")
+        return {"file": str(path), "pps": pps, "forwarder_cpu": round(probe.forwarder_cpu, 3)}
 
     def _measure(
         self,
@@ -392,6 +436,8 @@ class NewFlowsBenchmark(Benchmark):
             steps=settings.search_steps,
         )
         shown = f"{best.offered_pps:,.0f} SYN/s all pinned" if best else "no rate passed"
+        if all(p.passed for p in probes):
+            shown += " (generator-limited)"
         ctx.step(
             f"{tag}: {shown}; overload {overload.offered_pps:,.0f} SYN/s → "
             f"{overload.pins_per_s:,.0f} pins/s"
@@ -412,6 +458,7 @@ def _cell(st: Stats) -> str:
 
 def build_report(found: dict[str, list[Any]], settings: Settings) -> Report:
     rounds: list[RoundResult] = found["flowstate"]
+    limited = any(r.generator_limited for r in rounds)
     rb = Stats.of(found["redis_benchmark"])
     like = Stats.of(found["redis_benchmark_like"])
     pins = Stats.of([r.best.offered_pps if r.best else 0.0 for r in rounds])
@@ -435,6 +482,7 @@ def build_report(found: dict[str, list[Any]], settings: Settings) -> Report:
         "ratio_vs_redis_benchmark": r_main,
         "ratio_vs_redis_benchmark_like": round(ratio(pins, like), 3),
         "ratio_overload_vs_redis_benchmark": round(ratio(overload, rb), 3),
+        "generator_limited": limited,
         "pin_latency_ms": _quantiles(lat_all),
         "pin_latency_p50_ms": Stats.of(lat_p50).to_json(3) if lat_p50 else None,
         "pin_latency_p99_ms": Stats.of(lat_p99).to_json(3) if lat_p99 else None,
@@ -469,7 +517,7 @@ def build_report(found: dict[str, list[Any]], settings: Settings) -> Report:
     rows = [
         [
             "flowstate (SYNs pinned)",
-            _cell(pins),
+            _cell(pins) + (" *" if limited else ""),
             f"{r_main:.2f}",
             f"SYN→record {lat_text}; backlog at end "
             f"{statistics.median(backlog) if backlog else 0:,.0f}",
@@ -495,6 +543,10 @@ def build_report(found: dict[str, list[Any]], settings: Settings) -> Report:
         f"= {MAX_WRITES_PER_S:,} for this benchmark (default 50,000 caps pins)",
         f"target >= {TARGET}x redis-benchmark: {r_main:.2f} {verdict}",
     ]
+    if limited:
+        notes.append(
+            "* generator-limited: every paced rate it could offer was pinned (a lower bound)"
+        )
     return Report(
         "new_flows", data, headers, rows, notes, plot=lambda plt, out: plot_pins(plt, out, rounds)
     )

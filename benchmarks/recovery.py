@@ -13,7 +13,8 @@ GETs the flow from Redis, then tunnelled. Peers, interleaved round by round:
   p99. The same flows sent again (now in the local table) give the forwarder's own floor
   (`hit`), and a burst of other pinned flows sent back to back shows batching (`burst`).
 * `store_get`: the raw GET round trip of the same keys from the forwarder's namespace: a
-  plain blocking client (hiredis parser, one GET at a time, to the key's master).
+  plain blocking client (hiredis parser, one GET at a time, to the key's master), paced
+  like the flows.
 
 Headline `ratio_p99` = recovery p99 / GET p99 (medians over rounds); the target is <= 3.
 """
@@ -189,13 +190,18 @@ class Recovery:
                 phase.followed += backend == pinned[i]
         return phase
 
-    def get_round_trips(self) -> list[float]:
-        """One GET per key of `keys`, one at a time, each to the key's master (us)."""
+    def get_round_trips(self, pps: int) -> list[float]:
+        """One GET per key of `keys`, one at a time at `pps` (the flows' pace, so that both
+        peers sample the shared machine over as long), each to the key's master (us)."""
         cluster = self.lab.cluster
         out = []
-        for key in self.keys:
+        begin = time.perf_counter()
+        for n, key in enumerate(self.keys):
             master = cluster.master_of(key)
             payload = pack_command("GET", key)
+            delay = begin + n / pps - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
             start = time.perf_counter_ns()
             master.send(payload)
             (reply,) = master.read(1)
@@ -264,7 +270,7 @@ class RecoveryBenchmark(Benchmark):
         assert rec is not None
         tag = f"round {rnd + 1}/{settings.rounds} {peer}"
         if peer == "store_get":
-            rtts = rec.get_round_trips()
+            rtts = rec.get_round_trips(PACE_PPS)
             s = sorted(rtts)
             ctx.step(f"{tag}: GET p50 {_pick(s, 0.5):.0f} us, p99 {_pick(s, 0.99):.0f} us")
             return rtts

@@ -315,13 +315,11 @@ class StoreLab(Lab):
         pythonpath: str,
         *,
         store: dict[str, float | int | bool] | None = None,
-        capacity: int = 1 << 21,
     ) -> None:
         self._flow_set = FlowSet(str(ipaddress.IPv4Address(FLOW_BASE)), VIP_PORTS[0], 1)
         self._next_set = 0
         super().__init__(topo, pktgen, workdir, 1, pythonpath)
         self.store_settings = dict(store or {})
-        self.capacity = capacity
         self.password = secrets.token_hex(12)
         self.rds = topo.add_netns("rds")
         topo.veth(
@@ -419,9 +417,22 @@ class StoreLab(Lab):
             f'impl = "{impl}"\nworkers = {workers}\n'
             f'[store]\nkind = "redis-cluster"\nseeds = [{seeds}]\n'
             f'password = "{self.password}"\n{store}'
-            f"[flow_table]\ncapacity = {self.capacity}\n"
             f'[control]\nsocket = "{self.workdir}/ctl.sock"\nmetrics = ""\n' + vips
         )
+
+    def start_daemon(self, impl: str, workers: int) -> None:
+        """`Lab.start_daemon`, importing the snapshot: without PYTHONSAFEPATH, `python -m`
+        puts its working directory (the repository, whose `forwarder/` may hold another
+        build, even an ASan one) before PYTHONPATH."""
+        saved = os.environ.get("PYTHONSAFEPATH")
+        os.environ["PYTHONSAFEPATH"] = "1"  # Netns.popen passes os.environ on
+        try:
+            super().start_daemon(impl, workers)
+        finally:
+            if saved is None:
+                del os.environ["PYTHONSAFEPATH"]
+            else:
+                os.environ["PYTHONSAFEPATH"] = saved
 
     def start_store_daemon(self, impl: str = "c", timeout: float = 20.0) -> None:
         """Start the daemon and wait until its store is connected (control API `stats`)."""
@@ -439,6 +450,16 @@ class StoreLab(Lab):
             raise BenchmarkError(
                 f"the forwarder's store did not connect:\n{self.daemon_log_text()}"
             )
+
+    def daemon_cpu_seconds(self) -> float:
+        """CPU time (user + system) the daemon used so far (0.0 when none runs)."""
+        if self.daemon is None:
+            return 0.0
+        try:
+            fields = Path(f"/proc/{self.daemon.pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stats(self) -> dict[str, Any]:
         """The daemon's control API `stats` answer."""
