@@ -134,11 +134,11 @@ class FallbackBenchmark(Benchmark):
     def plan(self, options: RunOptions) -> Plan:
         s = _settings(options)
         peers = _peers(options)
-        probe = s.probe_seconds + s.ramp + 0.5
+        probe = s.probe_seconds + s.ramp + 0.2
         per_peer = 1.0 + (1 + s.search_steps + s.retries) * probe
-        restarts = 2.5 * s.rounds
+        restarts = 2.0 * s.rounds
         return Plan(
-            steps=1 + s.rounds * len(peers), seconds=9 + restarts + s.rounds * len(peers) * per_peer
+            steps=1 + s.rounds * len(peers), seconds=6 + restarts + s.rounds * len(peers) * per_peer
         )
 
     def run(self, ctx: Context) -> Report:

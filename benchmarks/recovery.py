@@ -223,8 +223,8 @@ class RecoveryBenchmark(Benchmark):
 
     def plan(self, options: RunOptions) -> Plan:
         s = Settings.of(options)
-        per_round = 3 * (s.flows / PACE_PPS + 0.5) + 1.5
-        return Plan(steps=1 + s.rounds * len(PEERS), seconds=9 + s.rounds * per_round)
+        per_round = 3.5 * s.flows / PACE_PPS + 1.0  # miss, hit and GET passes, burst, pinning
+        return Plan(steps=1 + s.rounds * len(PEERS), seconds=6 + s.rounds * per_round)
 
     def run(self, ctx: Context) -> Report:
         problem = netns_unavailable()
