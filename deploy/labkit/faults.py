@@ -44,6 +44,7 @@ __all__ = [
     "FaultRun",
     "drop_reasons",
     "fault_table",
+    "flatten_stats",
     "run_fault",
     "summarize_fault",
 ]
@@ -129,7 +130,7 @@ class FaultRun(ModeRun):
 # ---- counters ------------------------------------------------------------------------------
 
 
-def _flatten(stats: dict[str, Any]) -> dict[str, int]:
+def flatten_stats(stats: dict[str, Any]) -> dict[str, int]:
     """A `stats` answer as one flat dict of integer counters, summed over the workers."""
     out: dict[str, int] = {}
 
@@ -196,7 +197,7 @@ class CounterSampler:
         except Exception:  # a forwarder starting, stopping or killed: the next sample counts
             return
         with self._lock:
-            self._last[(pop.name, proc.pid)] = _flatten(stats)
+            self._last[(pop.name, proc.pid)] = flatten_stats(stats)
             self._rss[pop.name] = max(self._rss.get(pop.name, 0), rss)
 
     def take(self) -> tuple[dict[str, int], dict[str, int]]:
