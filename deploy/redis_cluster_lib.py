@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -37,6 +38,16 @@ STATE_FILE = "cluster.json"
 CLUSTER_SLOTS = 16384
 #: Redis Cluster's bus port is always the client port plus this offset.
 BUS_PORT_OFFSET = 10000
+#: What flowstate's ACL user may do (`--user`): its data commands on its keys, and what
+#: redis-py's cluster client needs to discover the cluster (CLUSTER SLOTS, COMMAND; ASKING
+#: and READONLY for redirections and replica reads). redis-py also sends CLIENT SETINFO, which
+#: Redis 7.0 does not know (7.2 does: allow +client|setinfo there; redis-py ignores a refusal).
+FLOWSTATE_ACL = (
+    "resetkeys ~fs1:* resetchannels -@all "
+    "+get +set +pexpire +exists +del +pttl +scan +ping +echo "
+    "+cluster|slots +cluster|shards +cluster|nodes +cluster|info +command "
+    "+asking +readonly +readwrite +client|setname"
+)
 _CLONE_NEWNET = 0x40000000
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -90,6 +101,61 @@ def open_socket(host: str, netns: str | None) -> socket.socket:
         os.close(target)
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """TLS for the nodes (client port, cluster bus and replication): PEM files.
+
+    `cert`/`key` is each node's certificate (it must name the nodes' addresses, e.g. as IP
+    SANs, for clients that check host names); it also serves as the client certificate of
+    the cluster bus, replication, `redis-cli` and our own probes. `ca` verifies peers.
+    """
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        """A context that verifies a node against `ca` and presents `cert` (mutual TLS)."""
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        ctx.load_cert_chain(str(self.cert), str(self.key))
+        return ctx
+
+    def cli_args(self) -> list[str]:
+        """The same for `redis-cli`."""
+        return ["--tls", "--cacert", str(self.ca), "--cert", str(self.cert), "--key", str(self.key)]
+
+
+def make_certs(dir: Path, addresses: Sequence[str], openssl: str = "openssl") -> TlsFiles:
+    """A throw-away CA and one certificate for every node (and client) named by `addresses`
+    (IP SANs), made with openssl in `dir`: for tests and labs, never for production."""
+    dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ca, ca_key = dir / "ca.crt", dir / "ca.key"
+    cert, key, csr = dir / "redis.crt", dir / "redis.key", dir / "redis.csr"
+    ext = dir / "redis.ext"
+    sans = ",".join(
+        f"IP:{a}" if re.fullmatch(r"[0-9.:a-fA-F]+", a) else f"DNS:{a}" for a in addresses
+    )
+    ext.write_text(
+        f"subjectAltName={sans}\nextendedKeyUsage=serverAuth,clientAuth\n"
+        "basicConstraints=critical,CA:FALSE\n"
+    )
+    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ca_subject = ["-subj", "/CN=flowstate throw-away CA", "-days", "7"]
+    sign = ["-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "7"]
+    steps = [
+        [openssl, "req", "-x509", *curve, "-keyout", str(ca_key), "-out", str(ca), *ca_subject],
+        [openssl, "req", *curve, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=redis"],
+        [openssl, "x509", "-req", "-in", str(csr), *sign, "-out", str(cert), "-extfile", str(ext)],
+    ]
+    for cmd in steps:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise ClusterError(f"{' '.join(cmd[:3])}: {done.stderr.strip()[-300:]}")
+    for path in (ca_key, key):
+        path.chmod(0o600)
+    return TlsFiles(cert, key, ca)
+
+
 class Client:
     """A blocking RESP2 connection to one node; enough for PING, INFO and CLUSTER commands."""
 
@@ -100,11 +166,14 @@ class Client:
         password: str | None = None,
         netns: str | None = None,
         timeout: float = 2.0,
+        tls: TlsFiles | None = None,
     ) -> None:
         sock = open_socket(host, netns)
         sock.settimeout(timeout)
         try:
             sock.connect((host, port))
+            if tls is not None:
+                sock = tls.client_context().wrap_socket(sock, server_hostname=host)
         except BaseException:
             sock.close()
             raise
@@ -201,6 +270,11 @@ class ClusterSpec:
     replicas: int = 1
     node_timeout_ms: int = 2000
     password: str | None = None
+    tls: TlsFiles | None = None
+    """TLS only (no plain-text port): clients, cluster bus and replication."""
+    user: str | None = None
+    """An ACL user for flowstate (FLOWSTATE_ACL); the default user stays the admin."""
+    user_password: str | None = None
 
     @classmethod
     def build(
@@ -214,6 +288,9 @@ class ClusterSpec:
         replicas: int = 1,
         node_timeout_ms: int = 2000,
         password: str | None = None,
+        tls: TlsFiles | None = None,
+        user: str | None = None,
+        user_password: str | None = None,
     ) -> ClusterSpec:
         """Validate options and lay nodes out round-robin over `hosts` and `netns`."""
         if replicas < 0:
@@ -234,8 +311,19 @@ class ClusterSpec:
             raise ClusterError("--node-timeout must be at least 100 ms", 2)
         if not hosts:
             raise ClusterError("--host must name at least one address", 2)
-        if password is not None and (not password or any(c.isspace() for c in password)):
-            raise ClusterError("the password must be non-empty and contain no whitespace", 2)
+        for what, secret in (("the password", password), ("the user's password", user_password)):
+            if secret is not None and (not secret or any(c.isspace() for c in secret)):
+                raise ClusterError(f"{what} must be non-empty and contain no whitespace", 2)
+        if (user is None) != (user_password is None):
+            raise ClusterError("--user and its password (--user-password) go together", 2)
+        if user is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", user):
+            raise ClusterError(f"--user {user!r}: use 1-64 of A-Z a-z 0-9 _ . -", 2)
+        if user == "default":
+            raise ClusterError("--user names the ACL user for flowstate, not 'default'", 2)
+        if tls is not None:
+            for path in (tls.cert, tls.key, tls.ca):
+                if not path.is_file():
+                    raise ClusterError(f"TLS file {path} not found", 2)
         nodes = tuple(
             NodeSpec(
                 i,
@@ -245,7 +333,9 @@ class ClusterSpec:
             )
             for i in range(count)
         )
-        return cls(dir, base_port, nodes, replicas, node_timeout_ms, password)
+        return cls(
+            dir, base_port, nodes, replicas, node_timeout_ms, password, tls, user, user_password
+        )
 
     @property
     def masters(self) -> int:
@@ -278,6 +368,10 @@ class ClusterSpec:
             diff.append("node-timeout")
         if self.password != other.password:
             diff.append("password")
+        if self.tls != other.tls:
+            diff.append("tls")
+        if (self.user, self.user_password) != (other.user, other.user_password):
+            diff.append("user")
         return diff
 
     def to_json(self) -> str:
@@ -288,6 +382,11 @@ class ClusterSpec:
                 "replicas": self.replicas,
                 "node_timeout_ms": self.node_timeout_ms,
                 "password": self.password,
+                "tls": None
+                if self.tls is None
+                else {"cert": str(self.tls.cert), "key": str(self.tls.key), "ca": str(self.tls.ca)},
+                "user": self.user,
+                "user_password": self.user_password,
                 "nodes": [
                     {"index": n.index, "host": n.host, "port": n.port, "netns": n.netns}
                     for n in self.nodes
@@ -305,6 +404,7 @@ class ClusterSpec:
                 NodeSpec(int(n["index"]), str(n["host"]), int(n["port"]), n.get("netns"))
                 for n in raw["nodes"]
             )
+            tls = raw.get("tls")
             return cls(
                 dir,
                 int(raw["base_port"]),
@@ -312,6 +412,11 @@ class ClusterSpec:
                 int(raw["replicas"]),
                 int(raw["node_timeout_ms"]),
                 raw.get("password"),
+                None
+                if tls is None
+                else TlsFiles(Path(tls["cert"]), Path(tls["key"]), Path(tls["ca"])),
+                raw.get("user"),
+                raw.get("user_password"),
             )
         except FileNotFoundError:
             return None
@@ -329,8 +434,23 @@ class ClusterSpec:
     def render_config(self, node: NodeSpec) -> str:
         """redis.conf for one node: no persistence, quick failover, fast first replica sync."""
         d = self.node_dir(node)
+        if self.tls is None:
+            ports = [f"port {node.port}"]
+        else:
+            # TLS only: the client port speaks TLS, so do the cluster bus and replication.
+            # Clients may present a certificate (mutual TLS) but need not.
+            ports = [
+                "port 0",
+                f"tls-port {node.port}",
+                f'tls-cert-file "{self.tls.cert}"',
+                f'tls-key-file "{self.tls.key}"',
+                f'tls-ca-cert-file "{self.tls.ca}"',
+                "tls-cluster yes",
+                "tls-replication yes",
+                "tls-auth-clients optional",
+            ]
         lines = [
-            f"port {node.port}",
+            *ports,
             f"bind {node.host}",
             "protected-mode no",
             "daemonize yes",
@@ -348,10 +468,12 @@ class ClusterSpec:
         ]
         if self.password:
             lines += [f"requirepass {self.password}", f"masterauth {self.password}"]
+        if self.user and self.user_password:
+            lines.append(f"user {self.user} on >{self.user_password} {FLOWSTATE_ACL}")
         return "\n".join(lines) + "\n"
 
     def connect(self, node: NodeSpec, timeout: float = 2.0) -> Client:
-        return Client(node.host, node.port, self.password, node.netns, timeout)
+        return Client(node.host, node.port, self.password, node.netns, timeout, self.tls)
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -589,7 +711,8 @@ def create_cluster(spec: ClusterSpec, cli: str, deadline: float) -> None:
     redis-cli waits forever ("Waiting for the cluster to join...") when nodes cannot
     reach each other's bus port, hence the timeout.
     """
-    cmd = [cli, "--no-auth-warning", "--cluster", "create", *spec.seeds]
+    cmd = [cli, "--no-auth-warning", *(spec.tls.cli_args() if spec.tls else [])]
+    cmd += ["--cluster", "create", *spec.seeds]
     cmd += ["--cluster-replicas", str(spec.replicas), "--cluster-yes"]
     if spec.nodes[0].netns:
         cmd = ["ip", "netns", "exec", spec.nodes[0].netns, *cmd]

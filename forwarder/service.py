@@ -157,6 +157,15 @@ async def open_store(config: ForwarderConfig) -> FlowStore:
     from flowstate.store.redis_cluster import RedisClusterStore
 
     secret = sc.read_password()
+    tls = None
+    if sc.tls:
+        from flowstate.store import TlsSettings
+
+        tls = TlsSettings(
+            ca_file=None if sc.tls_ca_file is None else str(sc.tls_ca_file),
+            cert_file=None if sc.tls_cert_file is None else str(sc.tls_cert_file),
+            key_file=None if sc.tls_key_file is None else str(sc.tls_key_file),
+        )
     return await RedisClusterStore.connect(
         [(e.host, e.port) for e in sc.seeds],
         password=secret.reveal() if secret else None,
@@ -165,6 +174,7 @@ async def open_store(config: ForwarderConfig) -> FlowStore:
             lookup_deadline_ms=sc.lookup_deadline_ms,
             write_deadline_ms=sc.write_deadline_ms,
         ),
+        tls=tls,
     )
 
 

@@ -7,8 +7,10 @@ correctly or raises `StoreUnavailable` quickly. Results are positional (item i a
 from __future__ import annotations
 
 import abc
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from flowstate.flow import KEY_PREFIX, FiveTuple
 from flowstate.record import FlowRecord
@@ -39,6 +41,42 @@ class StoreConfig:
     """Deadline of each SCAN page (inspection only)."""
     connect_timeout_ms: float = 500.0
     """Deadline of connecting and discovering the cluster topology."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """TLS to the Redis nodes, as PEM files (redis-py's cluster client takes files, not an
+    `SSLContext`; the store's own connections get the equivalent context)."""
+
+    ca_file: str | None = None
+    """CA bundle that verifies the nodes; None for the system's trust store."""
+    cert_file: str | None = None
+    """Client certificate (with `key_file`) for nodes that ask for one (mutual TLS)."""
+    key_file: str | None = None
+    check_hostname: bool = True
+    """Check that a node's certificate names the address it was reached at (Redis Cluster
+    hands out IP addresses: give the nodes IP SANs)."""
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The client context (TLS 1.2 or later); raises OSError/ssl.SSLError on bad files."""
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = self.check_hostname
+        if self.cert_file is not None:
+            ctx.load_cert_chain(self.cert_file, self.key_file)
+        return ctx
+
+    def redis_py_kwargs(self) -> dict[str, Any]:
+        """The same settings as redis-py's `RedisCluster` keyword arguments."""
+        return {
+            "ssl": True,
+            "ssl_ca_certs": self.ca_file,
+            "ssl_certfile": self.cert_file,
+            "ssl_keyfile": self.key_file,
+            "ssl_cert_reqs": "required",
+            "ssl_check_hostname": self.check_hostname,
+            "ssl_min_version": ssl.TLSVersion.TLSv1_2,
+        }
 
 
 class FlowStore(abc.ABC):

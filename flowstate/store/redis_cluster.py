@@ -33,7 +33,7 @@ from flowstate.record import FlowRecord
 from flowstate.store._cluster_client import ClusterClient
 from flowstate.store._codec import decode_fast, encode_records, keys_of
 from flowstate.store._resp import pack_command
-from flowstate.store.base import FlowStore, PinItem, ScanEntry, StoreConfig
+from flowstate.store.base import FlowStore, PinItem, ScanEntry, StoreConfig, TlsSettings
 
 _KEY_LEN = len(KEY_PREFIX) + 16
 _GET_HEAD = b"*2\r\n$3\r\nGET\r\n$%d\r\n" % _KEY_LEN
@@ -71,18 +71,31 @@ class RedisClusterStore(ClusterClient, FlowStore):
         password: str | None = None,
         username: str | None = None,
         config: StoreConfig = StoreConfig(),  # noqa: B008 (frozen, immutable)
+        tls: TlsSettings | None = None,
         ssl_context: ssl.SSLContext | None = None,
         fast_path: bool = True,
     ) -> RedisClusterStore:
         """Discover the cluster from `seeds` within `config.connect_timeout_ms`.
 
         Raises `StoreUnavailable` if no seed answers with a usable topology in time.
-        `ssl_context` is reserved for TLS (not supported yet: raises `UsageError`).
+        `tls` turns TLS on for every connection (redis-py's and the fast path's);
+        `ssl_context` (only with `tls`) replaces the context the fast path would build from it.
+        Bad TLS files raise `UsageError`.
         """
-        if ssl_context is not None:
-            raise UsageError("TLS to Redis is not supported yet")
+        if ssl_context is not None and tls is None:
+            raise UsageError(
+                "an SSLContext alone cannot configure redis-py's connections: pass tls="
+                "TlsSettings(...) (and ssl_context only to override the fast path's context)"
+            )
         if not seeds:
             raise UsageError("at least one seed host:port is needed")
+        extra: dict[str, Any] = {}
+        if tls is not None:
+            try:
+                ssl_context = ssl_context or tls.ssl_context()
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageError(f"TLS files unusable: {exc}") from None
+            extra = tls.redis_py_kwargs()
         timeout = config.connect_timeout_ms / 1000
         rc = rcluster.RedisCluster(
             startup_nodes=[rcluster.ClusterNode(h, p) for h, p in seeds],
@@ -91,6 +104,7 @@ class RedisClusterStore(ClusterClient, FlowStore):
             socket_connect_timeout=timeout,
             socket_timeout=max(timeout, config.scan_deadline_ms / 1000),
             require_full_coverage=False,
+            **extra,
         )
         try:
             async with asyncio.timeout(timeout):
