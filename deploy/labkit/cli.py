@@ -197,7 +197,8 @@ def _cmd_faults(args: argparse.Namespace) -> int:
         if text:
             print(text, file=out, flush=True)
 
-    runs = run_faults(names, opts, log=log, keep_workdir=args.keep)
+    size = LabSize(redis_tls=args.redis_tls)
+    runs = run_faults(names, opts, size=size, log=log, keep_workdir=args.keep)
     summaries = {run.fault: summarize_fault(run) for run in runs}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "faults.json"
@@ -230,7 +231,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         impl=args.impl,
         **tuning,
     )
-    size = LabSize()
+    size = LabSize(redis_tls=args.redis_tls)
     problem = check_steps(opts.steps, size.pops, size.backends)
     if args.connections < 1 or args.udp_flows < 0 or args.interval <= 0:
         problem = "--connections must be >= 1, --udp-flows >= 0, --interval > 0"
@@ -338,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated steps: move:POP, add:N, drain:N, crash "
         f"(default {','.join(DEFAULT_STEPS)})",
+    )
+    r.add_argument(
+        "--redis-tls",
+        action="store_true",
+        help="TLS to and between the Redis nodes (throw-away certificates made with openssl)",
     )
     r.add_argument(
         "--fault",

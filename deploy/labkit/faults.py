@@ -307,7 +307,7 @@ class _FaultDriver(_ModeDriver):
         config = forwarder_config(pop, self.settings, self.backends)
         if self.health:
             config = _health_config(config, self.lab.backends)
-        pop.start_forwarder(config, self.lab.redis_password)
+        pop.start_forwarder(config, self.lab.redis_user_password)
         if not pop.warm_store():
             self.log(f"    warning: {pop.name}: the store did not answer the warm-up lookups")
         self.log(f"    {pop.name}: forwarder ready in {time.monotonic() - started:.2f}s")

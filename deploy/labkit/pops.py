@@ -52,6 +52,10 @@ class ForwarderSettings:
     """"redis-cluster" (flowstate: shared state) or "memory" (local: per-POP state)."""
     seeds: tuple[str, ...] = ()
     impl: str = "c"
+    username: str | None = None
+    """The Redis ACL user (None: the default user)."""
+    tls: tuple[str, str, str] | None = None
+    """(CA, certificate, key) files: TLS to Redis."""
     lookup_deadline_ms: int = 500
     """Production wants a few ms. The lab runs three POPs, five backends, six Redis nodes and
     the clients on a couple of (often shared) cores, where a process can wait for the CPU for a
@@ -72,6 +76,12 @@ def forwarder_config(pop: PopSite, settings: ForwarderSettings, backends: Backen
             f'seeds = [{seeds}]\npassword_env = "{PASSWORD_ENV}"\n'
             f"lookup_deadline_ms = {settings.lookup_deadline_ms}\nwrite_deadline_ms = 500\n"
         )
+        if settings.username:
+            text += f'username = "{settings.username}"\n'
+        if settings.tls:
+            ca, cert, key = settings.tls
+            text += f'tls = true\ntls_ca_file = "{ca}"\ntls_cert_file = "{cert}"\n'
+            text += f'tls_key_file = "{key}"\n'
     text += f'\n[control]\nsocket = "{pop.control_socket}"\nmetrics = ""\n'
     for address, port, proto in (
         (VIP4, HTTP_PORT, "tcp"),

@@ -232,7 +232,14 @@ class _ModeDriver:
         self.log = log
         self.backends: dict[int, str] = dict.fromkeys(INITIAL_BACKENDS, ACTIVE)
         store = "redis-cluster" if mode == "flowstate" else "memory"
-        self.settings = ForwarderSettings(store, tuple(lab.redis_seeds), opts.impl)
+        tls = lab.redis_tls
+        self.settings = ForwarderSettings(
+            store,
+            tuple(lab.redis_seeds),
+            opts.impl,
+            username=lab.redis_user,
+            tls=None if tls is None else (str(tls.ca), str(tls.cert), str(tls.key)),
+        )
         self.traffic: _Traffic | None = None
         self._lock = threading.Lock()
 
@@ -244,7 +251,7 @@ class _ModeDriver:
             return
         started = time.monotonic()
         config = forwarder_config(pop, self.settings, self.backends)
-        pop.start_forwarder(config, self.lab.redis_password)
+        pop.start_forwarder(config, self.lab.redis_user_password)
         with self._lock:
             self.run.forwarder_starts += 1
         # Announced only once it reaches every Redis master (see PopSite.warm_store).

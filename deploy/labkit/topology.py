@@ -36,6 +36,7 @@ from deploy.labkit.plan import (
     VIP6,
 )
 from deploy.labkit.pops import BackendSite, HealthGate, PopSite
+from deploy.redis_cluster_lib import TlsFiles, make_certs
 
 __all__ = ["Lab", "LabSize"]
 
@@ -55,6 +56,8 @@ class LabSize:
     clients6: int = 64
     """IPv6 client addresses (from fd00:1::1:0)."""
     redis_nodes: int = 6
+    redis_tls: bool = False
+    """TLS to and between the Redis nodes (a throw-away CA made with openssl)."""
 
 
 def _peer(k: int) -> Peer:
@@ -76,6 +79,11 @@ class Lab:
     pops: list[PopSite] = field(default_factory=list)
     backends: dict[int, BackendSite] = field(default_factory=dict)
     redis_password: str = ""
+    """The default (admin) user's: the lab's own Redis commands."""
+    redis_user: str = "flowstate"
+    """The ACL user the forwarders log in as (its commands on fs1:* keys only)."""
+    redis_user_password: str = ""
+    redis_tls: TlsFiles | None = None
     prefs: dict[str, int] = field(default_factory=dict)
     on_withdraw: Callable[[str], None] | None = None
     """Called (from the health gate's thread) when a POP is withdrawn for a dead process."""
@@ -106,7 +114,11 @@ class Lab:
     def _build(self) -> None:
         started = time.monotonic()
         self.redis_password = os.urandom(12).hex()
+        self.redis_user_password = os.urandom(12).hex()
         self._build_links()
+        if self.size.redis_tls:
+            hosts = sorted({p.fabric4 for p in self.pops})
+            self.redis_tls = make_certs(self.workdir / "certs", hosts)
         self.topo.settle()
         for backend in self.backends.values():
             backend.setup(self.workdir)
@@ -212,6 +224,7 @@ class Lab:
     def _redis(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWSTATE_REDIS_")}
         env["FLOWSTATE_REDIS_PASSWORD"] = self.redis_password
+        env["FLOWSTATE_REDIS_USER_PASSWORD"] = self.redis_user_password
         cmd = [sys.executable, str(REPO / "deploy" / "redis-cluster"), args[0]]
         cmd += ["--base-port", str(REDIS_BASE_PORT), "--dir", str(self.workdir / "redis")]
         result = subprocess.run(
@@ -236,13 +249,29 @@ class Lab:
             "2000",
             "--timeout",
             "90",
+            "--user",
+            self.redis_user,
+            *self._tls_args(),
         )
+
+    def _tls_args(self) -> list[str]:
+        tls = self.redis_tls
+        if tls is None:
+            return []
+        return [
+            *("--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key)),
+            *("--tls-ca-cert-file", str(tls.ca)),
+        ]
 
     def redis_cli(self, *args: str) -> str:
         """`redis-cli --cluster call` ARGS on every node (from POP 1); the replies as text."""
         env = {"REDISCLI_AUTH": self.redis_password}
         out = self.pops[0].ns.run(
-            ["redis-cli", "--cluster", "call", self.redis_seeds[0], *args],
+            [
+                "redis-cli",
+                *(self.redis_tls.cli_args() if self.redis_tls else []),
+                *("--cluster", "call", self.redis_seeds[0], *args),
+            ],
             env=env,
             check=False,
         )

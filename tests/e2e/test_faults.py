@@ -1,19 +1,24 @@
-"""End to end: the lab's faults (`deploy/lab run --fault all --quick`), short versions.
+"""End to end: the lab's faults (`deploy/lab run --fault all --quick --redis-tls`), short.
 
-One lab runs every fault once (module fixture, about 100 s on two shared cores); each test then
-checks one fault's outcome: no connection reset or stalled (but those of the killed backend in
-backend-kill), and the fault's own promise (failover, write-back, restart, health checks).
+One lab runs every fault once (module fixture, about two minutes on two shared cores), with the
+forwarders logging in to Redis as the lab's ACL user over TLS; each test then checks one fault's
+outcome: no connection reset or stalled (but those of the killed backend in backend-kill), and
+the fault's own promise (failover, write-back, restart, health checks). No log of the lab holds
+a Redis password.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from deploy.labkit.cli import run_faults
 from deploy.labkit.faults import CI_FAULTS, FaultOptions, summarize_fault, with_quick
+from deploy.labkit.topology import Lab, LabSize
 from tests.e2e.test_lab import require_lab_tools
 
 pytestmark = pytest.mark.e2e
@@ -26,11 +31,32 @@ POPS = ("pop1", "pop2", "pop3")
 def faults() -> Iterator[dict[str, dict[str, Any]]]:
     require_lab_tools()
     lines: list[str] = []
-    runs = run_faults(list(CI_FAULTS), OPTS, log=lines.append)
-    summaries = {run.fault: summarize_fault(run) for run in runs}
-    for summary in summaries.values():
-        summary["log"] = "\n".join(lines)
-    yield summaries
+    labs: list[Lab] = []
+    try:
+        runs = run_faults(
+            list(CI_FAULTS),
+            OPTS,
+            size=LabSize(redis_tls=True),
+            log=lines.append,
+            keep_workdir=True,  # for the secrets check below; removed at the end
+            on_built=labs.append,
+        )
+        summaries = {run.fault: summarize_fault(run) for run in runs}
+        lab = labs[0]
+        secrets = (lab.redis_password, lab.redis_user_password)
+        leaks = [
+            str(path)
+            for path in lab.workdir.rglob("*.log")
+            if any(s in path.read_text(errors="replace") for s in secrets)
+        ]
+        for summary in summaries.values():
+            summary["log"] = "\n".join(lines)
+            summary["secret_leaks"] = leaks
+            summary["logs"] = len(list(lab.workdir.rglob("*.log")))
+        yield summaries
+    finally:
+        for lab in labs:
+            shutil.rmtree(Path(lab.workdir), ignore_errors=True)
 
 
 def no_connection_lost(s: dict[str, Any]) -> None:
@@ -47,6 +73,11 @@ def late_pinnings_everywhere(s: dict[str, Any]) -> None:
     for pop in POPS:
         assert seen[pop]["wrong"] == 0 and seen[pop]["missing"] == 0, seen
         assert seen[pop]["found"] == s["late_connections"], seen
+
+
+def test_no_log_holds_a_redis_password(faults: dict[str, dict[str, Any]]) -> None:
+    s = faults["forwarder-kill"]
+    assert s["logs"] > 10 and s["secret_leaks"] == []
 
 
 def test_redis_master_kill(faults: dict[str, dict[str, Any]]) -> None:
