@@ -23,20 +23,15 @@ restarted forwarder and a flushed store, so it never pays for the outage's write
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import fastpath, pktgen, pyspy, snapshot
+from benchmarks import fastpath, pyspy
 from benchmarks.fastpath_lab import Window
 from benchmarks.framework import (
     Benchmark,
-    BenchmarkError,
     Context,
     Plan,
     Report,
@@ -46,12 +41,8 @@ from benchmarks.framework import (
     ratio,
     register,
 )
-from benchmarks.store_lab import StoreLab
-from tests.netns import Topology, netns_unavailable, remove_stale_namespaces
+from benchmarks.store_lab import OVERLOAD_PPS, StoreLab, shared_lab
 
-#: Rate asked of the generator for the overload probe (it may not reach it).
-OVERLOAD_PPS = 200_000
-MAX_FLOWS_PER_RUN = 300_000
 SIZE = 64
 
 
@@ -76,7 +67,7 @@ PEERS = (
 
 
 def _settings(options: RunOptions) -> fastpath.Settings:
-    seconds = options.pick_seconds(0.5, 0.8)
+    seconds = options.pick_seconds(0.4, 0.8)
     return fastpath.Settings(
         rounds=options.pick_rounds(1, 2),
         seconds=seconds,
@@ -90,32 +81,6 @@ def _settings(options: RunOptions) -> fastpath.Settings:
 
 def _peers(options: RunOptions) -> tuple[Peer, ...]:
     return tuple(p for p in PEERS if p.quick or not options.quick)
-
-
-class FallbackLab(StoreLab):
-    """A StoreLab whose `measure` (the one fastpath's search calls) sends `flags` packets of
-    fresh flows at a rate-scaled burst size, never more than one packet per flow."""
-
-    flags = "ack"
-
-    def measure(self, sink: Any, size: int, seconds: float, ramp: float, pps: int = 0) -> Window:
-        rate = pps or OVERLOAD_PPS
-        self.fresh_flows(max(1000, min(MAX_FLOWS_PER_RUN, int(rate * (ramp + seconds) * 1.3))))
-        return super().measure(sink, size, seconds, ramp, rate)
-
-    @contextlib.contextmanager
-    def blast(self, size: int, pps: int = 0) -> Iterator[subprocess.Popen[str]]:
-        batch = str(max(16, min(256, pps // 2000)))
-        args = self._tx_args(self.flags, size, "--pps", str(pps), "--batch", batch)
-        proc = self.gen.popen([*args, "--count", str(self.flows)])
-        try:
-            time.sleep(0.05)
-            if proc.poll() is not None and proc.returncode != 0:
-                err = proc.stderr.read() if proc.stderr else ""
-                raise BenchmarkError(f"pktgen tx exited: {err}")
-            yield proc
-        finally:
-            self.gen.stop(proc)
 
 
 @dataclass
@@ -142,22 +107,11 @@ class FallbackBenchmark(Benchmark):
         )
 
     def run(self, ctx: Context) -> Report:
-        problem = netns_unavailable()
-        if problem is not None:
-            raise BenchmarkError(f"fallback needs network namespaces: {problem}")
-        remove_stale_namespaces()
         settings = _settings(ctx.options)
         peers = _peers(ctx.options)
-        binary = pktgen.build()
-        tree = snapshot.snapshot()
-        with (
-            tempfile.TemporaryDirectory(prefix="fs-bench-fb-") as workdir,
-            Topology("fallback") as topo,
-        ):
-            lab = FallbackLab(topo, binary, Path(workdir), snapshot.pythonpath(tree))
+        with shared_lab() as lab:
             state = {"store": "none"}
             try:
-                lab.start_redis()
                 ctx.step("lab up: Redis Cluster (6 nodes)")
                 found = interleave(
                     peers,
@@ -168,7 +122,6 @@ class FallbackBenchmark(Benchmark):
                 profile = self._profile(ctx, lab, state, found, settings)
             finally:
                 lab.store_down(None)
-                lab.close()
         report = build_report(found, peers, settings)
         if profile:
             report.data["profiles"] = profile
@@ -181,7 +134,7 @@ class FallbackBenchmark(Benchmark):
     def _profile(
         self,
         ctx: Context,
-        lab: FallbackLab,
+        lab: StoreLab,
         state: dict[str, str],
         found: dict[str, list[PeerResult]],
         settings: fastpath.Settings,
@@ -219,7 +172,7 @@ class FallbackBenchmark(Benchmark):
             done[peer.name] = {"file": str(path), "pps": pps}
         return done
 
-    def _enter(self, lab: FallbackLab, state: dict[str, str], peer: Peer) -> None:
+    def _enter(self, lab: StoreLab, state: dict[str, str], peer: Peer) -> None:
         """Put the store in `peer`'s state (see the module docstring)."""
         if peer.store == "up" and state["store"] != "up":
             # A fresh forwarder and store: nothing of an earlier outage left to write back.
@@ -232,17 +185,17 @@ class FallbackBenchmark(Benchmark):
         elif peer.store != "up" and state["store"] != peer.store:
             lab.store_down(peer.store)
             # Let the forwarder find out (its connections stall, are aborted, back off).
-            lab.flags = "ack"
+            lab.tx_flags = "ack"
             lab.fresh_flows(5000)
             with lab.blast(SIZE, 5000):
                 time.sleep(0.6)
         state["store"] = peer.store
-        lab.flags = peer.flags
+        lab.tx_flags = peer.flags
 
     def _measure(
         self,
         ctx: Context,
-        lab: FallbackLab,
+        lab: StoreLab,
         state: dict[str, str],
         peer: Peer,
         rnd: int,

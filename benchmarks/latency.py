@@ -78,7 +78,7 @@ class Settings:
 
     @classmethod
     def of(cls, options: RunOptions) -> Settings:
-        requests = 1000 if options.quick else 2000
+        requests = 600 if options.quick else 2000
         if options.seconds is not None:
             requests = max(100, int(options.seconds * 1000))
         return cls(rounds=options.pick_rounds(3, 5), requests=requests)

@@ -24,13 +24,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import pktgen, snapshot
 from benchmarks.fastpath_lab import BACKENDS
 from benchmarks.framework import (
     Benchmark,
@@ -51,11 +49,14 @@ from benchmarks.store_lab import (
     client_of_encap,
     client_of_ingress,
     encap_filter,
+    shared_lab,
     tcp_to_vip_filter,
 )
 from flowstate.record import FlowRecord
 from flowstate.store._resp import pack_command
-from tests.netns import Topology, netns_unavailable, remove_stale_namespaces
+from flowstate.store.redis_cluster import RedisClusterStore
+from forwarder.maglev import MaglevTable
+from forwarder.metrics import diff_histogram, quantile
 
 TARGET_P99 = 3.0
 PACE_PPS = 2000
@@ -72,7 +73,7 @@ class Settings:
     @classmethod
     def of(cls, options: RunOptions) -> Settings:
         # --seconds scales the flows per round (each takes 1/PACE_PPS s).
-        flows = 400 if options.quick else 1000
+        flows = 300 if options.quick else 1000
         if options.seconds is not None:
             flows = max(50, int(options.seconds * PACE_PPS))
         return cls(rounds=options.pick_rounds(2, 4), flows=flows)
@@ -136,9 +137,6 @@ class Recovery:
     def pin_elsewhere(self, flows: FlowSet) -> list[bytes]:
         """Pin every flow of `flows` in Redis to a backend Maglev would not pick; returns the
         pinned backend of each flow."""
-        from flowstate.store.redis_cluster import RedisClusterStore
-        from forwarder.maglev import MaglevTable
-
         table = MaglevTable.build([(b, 100) for b in _BACKENDS], 65537)
         now_ms = int(time.time() * 1000)
         items = []
@@ -227,25 +225,13 @@ class RecoveryBenchmark(Benchmark):
         return Plan(steps=1 + s.rounds * len(PEERS), seconds=6 + s.rounds * per_round)
 
     def run(self, ctx: Context) -> Report:
-        problem = netns_unavailable()
-        if problem is not None:
-            raise BenchmarkError(f"recovery needs network namespaces: {problem}")
-        remove_stale_namespaces()
         settings = Settings.of(ctx.options)
-        binary = pktgen.build()
-        tree = snapshot.snapshot()
-        with (
-            tempfile.TemporaryDirectory(prefix="fs-bench-rc-") as workdir,
-            Topology("recovery") as topo,
-        ):
-            lab = StoreLab(topo, binary, Path(workdir), snapshot.pythonpath(tree))
-            rec: Recovery | None = None
+        with shared_lab() as lab:
+            lab.start_store_daemon()
+            lab.fresh_flows(200)
+            lab.warm()
+            rec = Recovery(lab)
             try:
-                lab.start_redis()
-                lab.start_store_daemon()
-                lab.fresh_flows(200)
-                lab.warm()
-                rec = Recovery(lab)
                 ctx.step("lab up: Redis Cluster (6 nodes), forwarder (impl=c) connected")
                 found = interleave(
                     PEERS,
@@ -253,21 +239,18 @@ class RecoveryBenchmark(Benchmark):
                     lambda peer, rnd: self._measure(ctx, lab, rec, peer, rnd, settings),
                 )
             finally:
-                if rec is not None:
-                    rec.close()
-                lab.close()
+                rec.close()
         return build_report(found, settings)
 
     def _measure(
         self,
         ctx: Context,
         lab: StoreLab,
-        rec: Recovery | None,
+        rec: Recovery,
         peer: str,
         rnd: int,
         settings: Settings,
     ) -> FlowstateRound | list[float]:
-        assert rec is not None
         tag = f"round {rnd + 1}/{settings.rounds} {peer}"
         if peer == "store_get":
             rtts = rec.get_round_trips(PACE_PPS)
@@ -288,8 +271,6 @@ class RecoveryBenchmark(Benchmark):
         after = lab.worker_counters()
         keys = ("lookups", "lookup_hits", "lookup_failed", "lookup_not_found", "fallbacks")
         counters = {k: after[k] - before[k] for k in (*keys, "timeouts")}
-        from forwarder.metrics import diff_histogram, quantile
-
         window = diff_histogram(hist1, hist0)
         lookup_ms = {
             f"p{int(q * 100)}": (None if (v := quantile(window, q)) is None else v * 1000)

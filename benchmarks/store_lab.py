@@ -12,10 +12,15 @@ config, and fresh flows on demand: every `FlowSet` (client network x VIP port) i
 5-tuples no earlier measurement used, so its packets are unknown to the forwarder and absent
 from the store. Also here: `Capture` (kernel-timestamped frames of one interface) and
 `Resp` (a plain RESP client opened in a namespace), the instruments of new_flows and recovery.
+
+Building the lab (namespaces, 6 Redis nodes) takes ~5 s, so the store benchmarks of one run
+share one (`shared_lab`): each gets it with the daemon stopped, the store reachable and
+empty; a benchmark that fails takes it down, and the run's exit does in any case.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ipaddress
 import json
@@ -26,7 +31,9 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +41,14 @@ from typing import Any
 
 import hiredis
 
-from benchmarks.fastpath_lab import BACKENDS, SOURCE6, VIP, Lab
+from benchmarks import pktgen, snapshot
+from benchmarks.fastpath_lab import BACKENDS, SOURCE6, VIP, Lab, Sink, Window
 from benchmarks.framework import BenchmarkError
 from flowstate.control_client import ControlClient, ControlError
 from flowstate.flow import FiveTuple, Proto, key_slot
 from flowstate.store._resp import pack_command
-from tests.netns import Netns, Topology, wait_until
+from forwarder.bpf import attach_filter
+from tests.netns import Netns, Topology, netns_unavailable, remove_stale_namespaces, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 FWD_ADDR, REDIS_HOST = "10.30.0.1", "10.30.0.2"
@@ -47,6 +56,8 @@ REDIS_BASE_PORT = 7800
 REDIS_NODES = 6
 #: The daemon serves one VIP address on these ports; each port is a separate space of flows.
 VIP_PORTS = tuple(range(8000, 8016))
+#: The generator keeps a 2 KiB frame per flow (mmsg mode): at most this many flows per run.
+MAX_FLOWS_PER_RUN = 300_000
 #: Fresh flows: client addresses FLOW_BASE + k * 2**20 + 1 + i (pktgen's numbering), k < 192.
 FLOW_BASE = int(ipaddress.IPv4Address("10.64.0.0"))
 FLOW_BLOCK = 1 << 20
@@ -55,6 +66,8 @@ VIP_PACKED = ipaddress.IPv4Address(VIP).packed
 _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 _ETH_P_ALL = 0x0003
 _SOL_PACKET = 263
+#: Rate asked of the generator by `StoreLab.measure(pps=0)` (it may not reach it).
+OVERLOAD_PPS = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,8 +242,6 @@ class Capture:
     """
 
     def __init__(self, ns: Netns, dev: str, program: bytes, snap: int = 96) -> None:
-        from forwarder.bpf import attach_filter
-
         self._snap = snap
         self.sock = ns.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         attach_filter(self.sock, program)
@@ -318,6 +329,8 @@ class StoreLab(Lab):
     ) -> None:
         self._flow_set = FlowSet(str(ipaddress.IPv4Address(FLOW_BASE)), VIP_PORTS[0], 1)
         self._next_set = 0
+        #: What `measure`/`blast` send: "ack" (mid-flow packets) or "syn".
+        self.tx_flags = "ack"
         super().__init__(topo, pktgen, workdir, 1, pythonpath)
         self.store_settings = dict(store or {})
         self.password = secrets.token_hex(12)
@@ -357,6 +370,51 @@ class StoreLab(Lab):
         for opt, value in (("--client-net", fs.client_net), ("--port", str(fs.port))):
             args[args.index(opt) + 1] = value
         return args
+
+    def measure(self, sink: Sink, size: int, seconds: float, ramp: float, pps: int = 0) -> Window:
+        """`Lab.measure` (the one fastpath's loss-free search calls) on fresh flows: packets of
+        kind `tx_flags`, each the first of its flow; `pps` 0 asks for OVERLOAD_PPS."""
+        rate = pps or OVERLOAD_PPS
+        self.fresh_flows(max(1000, min(MAX_FLOWS_PER_RUN, int(rate * (ramp + seconds) * 1.3))))
+        return super().measure(sink, size, seconds, ramp, rate)
+
+    @contextlib.contextmanager
+    def blast(self, size: int, pps: int = 0) -> Iterator[subprocess.Popen[str]]:
+        """`tx_flags` packets of the current flow set at `pps`, one per flow (the generator
+        stops when the set is used up), in bursts that grow with the rate."""
+        batch = str(max(16, min(256, pps // 1000)))
+        args = self._tx_args(self.tx_flags, size, "--pps", str(pps), "--batch", batch)
+        proc = self.gen.popen([*args, "--count", str(self.flows)])
+        try:
+            self.wait_sending(proc)
+            yield proc
+        finally:
+            self.gen.stop(proc)
+
+    def tx_packets(self) -> int:
+        """Frames g0 (the generator's link) sent so far."""
+        with self.gen.entered(), open("/proc/thread-self/net/dev") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name.strip() == "g0":
+                    return int(rest.split()[9])
+        raise BenchmarkError("g0 is gone")
+
+    def wait_sending(self, proc: subprocess.Popen[str], timeout: float = 10.0) -> float:
+        """Wait until the generator's first frames left (it builds one frame per flow first,
+        which takes a while for many flows); returns that time (monotonic)."""
+        start = self.tx_packets()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.tx_packets() != start:
+                return time.monotonic()
+            if proc.poll() is not None:
+                if proc.returncode != 0:
+                    err = proc.stderr.read() if proc.stderr else ""
+                    raise BenchmarkError(f"pktgen tx exited: {err}")
+                return time.monotonic()
+            time.sleep(0.002)
+        raise BenchmarkError(f"pktgen sent nothing in {timeout:.0f} s")
 
     # ---- Redis ------------------------------------------------------------------------------
 
@@ -519,3 +577,68 @@ class StoreLab(Lab):
         if self._redis_up:
             self._deploy("down", timeout=60)
             self._redis_up = False
+
+
+# ---- one lab for the store benchmarks of a run ---------------------------------------------------
+
+
+class _Shared:
+    lab: StoreLab | None = None
+    topo: Topology | None = None
+    workdir: Path | None = None
+
+
+def _close_shared() -> None:
+    lab, topo, workdir = _Shared.lab, _Shared.topo, _Shared.workdir
+    _Shared.lab = _Shared.topo = _Shared.workdir = None
+    try:
+        if lab is not None:
+            lab.store_down(None)
+            lab.close()
+    finally:
+        if topo is not None:
+            topo.close()
+        if workdir is not None:
+            subprocess.run(["rm", "-rf", str(workdir)], check=False)
+
+
+@contextlib.contextmanager
+def shared_lab(store: dict[str, float | int | bool] | None = None) -> Iterator[StoreLab]:
+    """The run's StoreLab (built on first use: namespaces, Redis Cluster), with the daemon
+    stopped, the store reachable and flushed, and `store` as the daemon's extra settings.
+
+    A benchmark that raises takes it down (the next one builds a fresh one); otherwise it
+    lives until the process exits. Raises BenchmarkError without namespaces.
+    """
+    problem = netns_unavailable()
+    if problem is not None:
+        raise BenchmarkError(f"the store benchmarks need network namespaces: {problem}")
+    binary = pktgen.build()
+    tree = snapshot.snapshot()
+    if _Shared.lab is None:
+        remove_stale_namespaces()
+        atexit.register(_close_shared)
+        _Shared.workdir = Path(tempfile.mkdtemp(prefix="fs-bench-store-"))
+        _Shared.topo = Topology("store")
+        try:
+            _Shared.lab = StoreLab(_Shared.topo, binary, _Shared.workdir, snapshot.pythonpath(tree))
+            _Shared.lab.start_redis()
+        except BaseException:
+            _close_shared()
+            raise
+    lab = _Shared.lab
+    ok = False
+    try:
+        lab.stop_daemon()
+        lab.store_down(None)
+        lab.cluster.flushall()
+        lab.pythonpath = snapshot.pythonpath(tree)
+        lab.store_settings = dict(store or {})
+        lab.tx_flags = "ack"
+        yield lab
+        ok = True
+    finally:
+        if ok:
+            lab.stop_daemon()
+        else:
+            _close_shared()
