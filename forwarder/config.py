@@ -341,6 +341,11 @@ class ForwarderConfig:
     ingress_drop: bool = True
     """Drop the VIPs' frames in an nftables netdev ingress hook after the forwarder's packet tap
     has them, so the host's IP stack does not process them too (needs ``nft``)."""
+    drop_capabilities: bool = True
+    """Workers keep only CAP_NET_RAW and CAP_NET_ADMIN (bounding set included) once they start:
+    whatever the data path might be made to do, it cannot use root's other powers. Files a
+    worker reads later (password, TLS key, the config on reload) must then be readable by
+    root without CAP_DAC_OVERRIDE: owned by root, or readable by it."""
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     flow_table: FlowTableConfig = field(default_factory=FlowTableConfig)
@@ -408,6 +413,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Fo
         "workers": top.integer("workers", 1, 1024),
         "impl": top.choice("impl", Impl),
         "ingress_drop": top.boolean("ingress_drop"),
+        "drop_capabilities": top.boolean("drop_capabilities"),
         "timeouts": _parse_timeouts(top.section("timeouts", _TIMEOUT_KEYS)),
         "store": _parse_store(top.section("store", _STORE_KEYS), base_dir),
         "flow_table": _parse_flow_table(top.section("flow_table", _FLOW_TABLE_KEYS)),

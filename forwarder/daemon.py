@@ -16,6 +16,53 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flowstate.forwarder")
 
+#: Capabilities a worker keeps (linux/capability.h): its packet sockets (CAP_NET_RAW), their
+#: forced buffer sizes and the neighbour probes (CAP_NET_ADMIN).
+CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
+WORKER_CAPABILITIES = (CAP_NET_ADMIN, CAP_NET_RAW)
+_PR_CAPBSET_READ, _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 23, 24, 47, 4
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def drop_capabilities(keep: tuple[int, ...] = WORKER_CAPABILITIES) -> int:
+    """Keep only `keep` (of what this process has) in its effective, permitted and bounding
+    sets, and nothing inheritable or ambient: neither this process nor a program it runs can
+    get the others back. Returns the mask kept; raises OSError if the kernel refuses."""
+    import ctypes
+    from pathlib import Path
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_uint32) for n in ("effective", "permitted", "inheritable")]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    header, data = Header(_CAPABILITY_VERSION_3, 0), (Data * 2)()
+    check(libc.capget(ctypes.byref(header), data), "capget")
+    permitted = int(data[0].permitted) | int(data[1].permitted) << 32
+    kept = sum(1 << cap for cap in keep) & permitted
+    # The bounding set first, while CAP_SETPCAP is still effective (without it, as a
+    # non-root user, there is nothing in it to fear: exec cannot raise what we lack).
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for cap in range(last + 1):
+        if kept >> cap & 1 or libc.prctl(_PR_CAPBSET_READ, cap, 0, 0, 0) != 1:
+            continue
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and permitted >> 8 & 1:
+            check(-1, f"PR_CAPBSET_DROP {cap}")  # we had CAP_SETPCAP: it must not fail
+    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    for i in (0, 1):
+        data[i].effective = data[i].permitted = kept >> (32 * i) & 0xFFFFFFFF
+        data[i].inheritable = 0
+    check(libc.capset(ctypes.byref(header), data), "capset")
+    return kept
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -78,6 +125,15 @@ def run_worker(
     from forwarder.service import serve
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    if config.drop_capabilities:
+        # Before the worker opens anything: its packet rings need only what it keeps, and
+        # nothing it does later (control socket, store, health checks, reload) needs more.
+        try:
+            kept = drop_capabilities()
+        except OSError as exc:
+            print(f"flowstate-forwarder: cannot drop capabilities: {exc}", file=sys.stderr)
+            return 1
+        log.info("capabilities: kept %#x (CAP_NET_RAW, CAP_NET_ADMIN), dropped the rest", kept)
     # Until the event loop takes SIGHUP over, a reload request must not end the process
     # (SIGHUP's default): the config is being read now anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -7,6 +7,7 @@
   forwarder's link (AF_PACKET), while keep-alive connections run: every frame of a kind is counted
   under the verdicts that kind must get (drops by reason, passes), less what the kernel reports
   it dropped before the ring; the live connections see no error; the forwarder stays up.
+* The forwarder runs with CAP_NET_RAW and CAP_NET_ADMIN only (/proc/PID/status).
 * A SYN flood from spoofed sources (benchmarks/pktgen.c at the most it reaches): store writes
   stay under `max_writes_per_s`, the flow table within its capacity, and the fraction of
   legitimate connections that complete meanwhile is reported (and must stay high).
@@ -628,6 +629,23 @@ def test_syn_flood_caps_store_writes_bounds_the_table_and_legit_clients_get_thro
     assert result["capacity"] == CAPACITY and result["flows_in_table"] <= CAPACITY, result
     assert result["evicted"] > 0, result
     assert ok >= legit_share * len(legit), result
+
+
+def test_the_forwarder_keeps_only_net_raw_and_net_admin(pop: HostilePop) -> None:
+    """After start-up a worker holds CAP_NET_RAW and CAP_NET_ADMIN and nothing else, not even
+    in its bounding set (a program it ran could not get root's other powers back)."""
+    from forwarder.daemon import CAP_NET_ADMIN, CAP_NET_RAW
+
+    assert pop.forwarder is not None
+    status = Path(f"/proc/{pop.forwarder.pid}/status").read_text()
+    caps = {
+        name: int(value, 16)
+        for name, value in (line.split(":\t") for line in status.splitlines())
+        if name.startswith("Cap")
+    }
+    both = 1 << CAP_NET_RAW | 1 << CAP_NET_ADMIN
+    assert caps == {"CapInh": 0, "CapPrm": both, "CapEff": both, "CapBnd": both, "CapAmb": 0}
+    assert "capabilities: kept 0x3000" in pop.log()
 
 
 def test_the_forwarder_survived_everything(pop: HostilePop) -> None:
