@@ -93,6 +93,7 @@ class ClusterClient:
         self._masters: list[_Node] = []
         self._slot_node: list[int] = [-1] * CLUSTER_SLOTS
         self._refresh_task: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
         self._refresh_after = 0.0
         self._closed = False
         self._wheel: dict[int, dict[int, _Pend]] = {}
@@ -159,6 +160,7 @@ class ClusterClient:
             self._load_topology()
             self.counters["refreshes"] += 1
             ok = True
+            self._dial_idle_masters()
         except (TimeoutError, OSError, rexc.RedisError, rexc.RedisClusterException):
             self.counters["refresh_failures"] += 1
         finally:
@@ -166,6 +168,28 @@ class ClusterClient:
                 _REFRESH_MIN_INTERVAL if ok else _REFRESH_FAIL_INTERVAL
             )
             self._refresh_task = None
+
+    def watch_topology(self) -> None:
+        """Re-read the slot map every `config.topology_refresh_ms` from now on (until close)."""
+        every_s = self.config.topology_refresh_ms / 1000
+        if self._watch is None and every_s > 0 and not self._closed:
+            self._watch = self._loop.create_task(self._watch_topology(every_s))
+
+    async def _watch_topology(self, every_s: float) -> None:
+        while not self._closed:
+            await asyncio.sleep(every_s)
+            self._schedule_refresh()
+
+    def _dial_idle_masters(self) -> None:
+        """Start connecting to masters without a live connection (new ones after a failover),
+        so that the next batch does not pay the connect (with TLS, the handshake) inside its
+        deadline."""
+        now = self._loop.time()
+        for node in self._masters:
+            idle = node.conn is None or not node.conn.alive
+            if idle and node.dial is None and now >= node.retry_at:
+                node.dial = self._loop.create_task(self._dial(node))
+                node.dial.add_done_callback(_retrieve)
 
     async def refresh_topology(self) -> None:
         """Re-read the slot map now (tests, operators); normally done on MOVED by itself."""
@@ -257,6 +281,7 @@ class ClusterClient:
             return [await fut for _, fut in pend]
         except _Deadline:
             self.counters["timeouts"] += 1
+            self._schedule_refresh()  # a master that stopped answering may have been replaced
             raise StoreUnavailable("deadline exceeded waiting for Redis") from None
         except ConnectionError as exc:
             self.counters["connection_errors"] += 1

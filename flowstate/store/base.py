@@ -41,6 +41,10 @@ class StoreConfig:
     """Deadline of each SCAN page (inspection only)."""
     connect_timeout_ms: float = 500.0
     """Deadline of connecting and discovering the cluster topology."""
+    topology_refresh_ms: float = 1000.0
+    """How often the slot map is re-read in the background (0: only after redirections and
+    failures). A client that sent nothing to a master while it failed over would otherwise
+    learn of it from its next batch, which meets the dead master and fails as a whole."""
 
 
 @dataclass(frozen=True, slots=True)

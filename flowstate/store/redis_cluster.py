@@ -129,6 +129,7 @@ class RedisClusterStore(ClusterClient, FlowStore):
             except BaseException:
                 await store.close()
                 raise
+        store.watch_topology()
         return store
 
     # -- FlowStore -------------------------------------------------------------------------
@@ -356,6 +357,8 @@ class RedisClusterStore(ClusterClient, FlowStore):
         tasks: list[asyncio.Task[Any]] = [n.dial for n in self._pool.values() if n.dial]
         if self._refresh_task is not None:
             tasks.append(self._refresh_task)
+        if self._watch is not None:
+            tasks.append(self._watch)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

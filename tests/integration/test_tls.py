@@ -9,6 +9,7 @@ in an error or a log line; the forwarder's `[store] tls*` settings reach the sto
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -220,6 +221,53 @@ async def test_forwarder_store_settings_reach_the_store(
     shown = f"{config!r}\n{config.summary()}\n" + "\n".join(r.getMessage() for r in caplog.records)
     assert "TLS on" in config.summary()
     assert USER_PASSWORD not in shown
+
+
+def _roles(cluster: TlsCluster) -> dict[tuple[str, int], str]:
+    """Address → id of its master ("" for a master), from CLUSTER NODES."""
+    with cluster.admin(0) as c:
+        text = c.text("CLUSTER", "NODES")
+    out: dict[tuple[str, int], str] = {}
+    ids: dict[str, tuple[str, int]] = {}
+    for line in text.splitlines():
+        f = line.split()
+        host, _, port = f[1].split("@")[0].rpartition(":")
+        ids[f[0]] = (host, int(port))
+        out[(host, int(port))] = "" if f[3] == "-" else f[3]
+    return {addr: ("" if not m else f"{ids[m][0]}:{ids[m][1]}") for addr, m in out.items()}
+
+
+async def test_the_store_follows_a_failover_it_took_no_part_in(tls_cluster: TlsCluster) -> None:
+    """A client idle during a failover learns the new master from its periodic refresh (and
+    connects to it) before its next batch, instead of sending that batch to the old one."""
+    config = StoreConfig(lookup_deadline_ms=2000, connect_timeout_ms=3000, topology_refresh_ms=200)
+    store = await RedisClusterStore.connect(
+        tls_cluster.seeds, username=USER, password=USER_PASSWORD, tls=tls_cluster.tls,
+        config=config,
+    )  # fmt: skip
+    try:
+        before = set(store.masters())
+        replica = next(addr for addr, master in sorted(_roles(tls_cluster).items()) if master)
+        index = tls_cluster.seeds.index(replica)
+        with tls_cluster.admin(index) as c:
+            c.call("CLUSTER", "FAILOVER")  # a clean hand-over: the old master becomes replica
+        deadline = time.monotonic() + 15
+        while replica not in store.masters() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # no store call meanwhile: only the watch can see it
+        assert replica in store.masters(), (before, store.masters())
+        assert len(store.masters()) == 3
+        assert await store.lookup_many(tuples(50)) == [None] * 50
+        assert store.counters["moved"] == 0  # nothing was sent to the old master
+    finally:
+        await store.close()
+        # Hand the slots back, so the cluster looks as the other tests expect.
+        where = ["--dir", str(tls_cluster.dir / "redis"), "--timeout", "30"]
+        run_script("wait", *where)
+        roles = _roles(tls_cluster)
+        for old in [a for a in before if roles.get(a)]:
+            with tls_cluster.admin(tls_cluster.seeds.index(old)) as c:
+                c.call("CLUSTER", "FAILOVER")
+        run_script("wait", *where)
 
 
 def test_status_reports_tls_and_the_user(tls_cluster: TlsCluster) -> None:
