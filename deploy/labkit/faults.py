@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -640,6 +641,7 @@ def summarize_fault(run: FaultRun) -> dict[str, Any]:
     out: dict[str, Any] = {
         **_status_counts(kept),
         "dropped": drop_reasons(run.totals),
+        "errors": dict(Counter(str(f["error"]) for f in kept if f["status"] != "completed")),
         "late_connections": sum(1 for f in kept if f.get("wave") == 2),
         "longest_silence_s": round(max((f["max_gap"] for f in kept), default=0.0), 2),
         "served_by_several_pops": sum(

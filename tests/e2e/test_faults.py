@@ -104,10 +104,12 @@ def test_redis_down(faults: dict[str, dict[str, Any]]) -> None:
 
 @pytest.mark.xfail(
     strict=False,
-    reason="known product bugs, timing-dependent (README, Reliability): an idle forwarder keeps "
-    "the cut master in its slot map until a lookup times out (the whole batch falls back to "
-    "Maglev), and the cut POP's neighbour cache follows the kernel to the uplink router and "
-    "stays there for up to a minute after the link is back",
+    reason="known product bug (README, Reliability): while the POP is cut its neighbour cache "
+    "follows the kernel's route lookup to the uplink router (the fabric gateway's neighbour entry "
+    "is FAILED, and a host that does not forward skips such routes) and never probes the fabric "
+    "gateway again, so for up to a minute (router_probe_interval) after the link is back the "
+    "POP tunnels into the uplink: its connections stall when the route returns to it. "
+    "Timing-dependent: it passes when the gateway's entry did not reach FAILED during the cut",
 )
 def test_pop_cut(faults: dict[str, dict[str, Any]]) -> None:
     s = faults["pop-cut"]
