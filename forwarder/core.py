@@ -209,6 +209,9 @@ class ForwardingCore:
                 self._touches[flow] = None
             elif event == EVENT_EVICTED:
                 self.counters["evictions"] += 1
+        # Here, not only when writes are taken: without a store connection they never are,
+        # and a SYN flood meanwhile would grow the queue without bound.
+        self._trim_pins()
 
     @property
     def queued_frames(self) -> int:
@@ -269,16 +272,19 @@ class ForwardingCore:
         while self._touches and len(work.touches) < limit and self._tokens >= 1:
             work.touches.append(self._touches.popitem(last=False)[0])
             self._tokens -= 1
-        # Past the cap, pins of a flood are dropped rather than queued without bound: the
-        # flows still work locally and Maglev gives other POPs the same answer.
-        overflow = len(self._pins) - 4 * self.config.max_writes_per_s
-        for _ in range(max(0, overflow)):
-            self._pins.popitem(last=False)
-            self.counters["writes_rate_limited"] += 1
+        self._trim_pins()
         self.counters["pins"] += len(work.pins)
         self.counters["touches"] += len(work.touches)
         self.counters["releases"] += len(work.releases)
         return work
+
+    def _trim_pins(self) -> None:
+        """Past the cap, pins of a flood are dropped rather than queued without bound: the
+        flows still work locally and Maglev gives other POPs the same answer."""
+        overflow = len(self._pins) - 4 * self.config.max_writes_per_s
+        for _ in range(max(0, overflow)):
+            self._pins.popitem(last=False)
+            self.counters["writes_rate_limited"] += 1
 
     def _refill(self, now_ms: int) -> None:
         rate = self.config.max_writes_per_s
