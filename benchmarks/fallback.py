@@ -155,10 +155,10 @@ class FallbackBenchmark(Benchmark):
             self._enter(lab, state, peer)
             assert lab.daemon is not None
             raw = out / f"pyspy-fallback-{peer.name}.raw"
-            recording = pyspy.Recording(lab.daemon.pid, 2.0, raw, delay=0.4)
+            recording = pyspy.Recording(lab.daemon.pid, 3.0, raw, delay=0.4)
             sink = lab.sink_for(SIZE)
             try:
-                window = lab.measure(sink, SIZE, 2.6, settings.ramp, pps)
+                window = lab.measure(sink, SIZE, 3.6, settings.ramp, pps)
             finally:
                 sink.close()
             recording.wait()

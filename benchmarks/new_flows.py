@@ -376,8 +376,8 @@ class NewFlowsBenchmark(Benchmark):
         pps = int(0.9 * statistics.median(best))
         out.mkdir(parents=True, exist_ok=True)
         raw = out / "pyspy-new_flows.raw"
-        recording = pyspy.Recording(lab.daemon.pid, 2.0, raw, delay=0.5)
-        probe = run_syns(lab, pps, 3.0, None)
+        recording = pyspy.Recording(lab.daemon.pid, 3.0, raw, delay=0.5)
+        probe = run_syns(lab, pps, 4.0, None)
         recording.wait()
         path = out / "profile-new_flows.txt"
         head = (

@@ -14,7 +14,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-RATE_HZ = 200
+RATE_HZ = 400
 
 
 def available() -> bool:
