@@ -124,6 +124,8 @@ class FaultRun(ModeRun):
     """Every forwarder process's last counters ("engine.", "core.", "ring.", "store."), summed."""
     rss_max_kb: dict[str, int] = field(default_factory=dict)
     """Per POP: the largest resident size a forwarder of it had."""
+    per_pop: dict[str, dict[str, int]] = field(default_factory=dict)
+    """`totals`, per POP."""
     checks: dict[str, Any] = field(default_factory=dict)
     killed_backend: str | None = None
 
@@ -163,13 +165,19 @@ def _rss_kb(pid: int) -> int:
 
 class CounterSampler:
     """Polls every POP's forwarder (control API `stats`) and keeps the last counters of each
-    forwarder process, so a SIGKILLed forwarder's counters are kept up to its last sample."""
+    forwarder process, so a SIGKILLed forwarder's counters are kept up to its last sample.
+
+    It counts between `resume()` and `take()`: what the forwarders see while a fault's lab is
+    torn down (stray packets of closed connections reach whichever POP is still announced) is
+    not the fault's."""
 
     def __init__(self, pops: list[PopSite], interval: float = 0.5) -> None:
         self.pops = pops
         self.interval = interval
         self._last: dict[tuple[str, int], dict[str, int]] = {}
         self._rss: dict[str, int] = {}
+        self._paused = True
+        self._generation = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="counter-sampler", daemon=True)
@@ -190,7 +198,8 @@ class CounterSampler:
     def sample(self, pop: PopSite) -> None:
         """Take `pop`'s forwarder's counters now (nothing if it does not run or answer)."""
         proc = pop.forwarder
-        if proc is None or proc.poll() is not None:
+        generation = self._generation
+        if proc is None or proc.poll() is not None or self._paused:
             return
         rss = _rss_kb(proc.pid)
         try:
@@ -198,20 +207,32 @@ class CounterSampler:
         except Exception:  # a forwarder starting, stopping or killed: the next sample counts
             return
         with self._lock:
+            if self._paused or generation != self._generation:
+                return  # taken meanwhile: this sample belongs to no fault
             self._last[(pop.name, proc.pid)] = flatten_stats(stats)
             self._rss[pop.name] = max(self._rss.get(pop.name, 0), rss)
 
-    def take(self) -> tuple[dict[str, int], dict[str, int]]:
-        """(counters summed over every process seen, max RSS per POP); then start afresh."""
+    def resume(self) -> None:
         with self._lock:
+            self._paused = False
+
+    def take(self) -> tuple[dict[str, int], dict[str, int], dict[str, dict[str, int]]]:
+        """(counters summed over every process seen, max RSS per POP, counters per POP); then
+        pause and forget them until `resume()`."""
+        with self._lock:
+            self._paused = True
+            self._generation += 1
             total: dict[str, int] = {}
-            for counters in self._last.values():
+            per_pop: dict[str, dict[str, int]] = {}
+            for (pop, _pid), counters in self._last.items():
+                mine = per_pop.setdefault(pop, {})
                 for key, value in counters.items():
                     total[key] = total.get(key, 0) + value
+                    mine[key] = mine.get(key, 0) + value
             rss = dict(self._rss)
             self._last.clear()
             self._rss.clear()
-        return total, rss
+        return total, rss, per_pop
 
 
 def drop_reasons(counters: dict[str, int]) -> dict[str, int]:
@@ -252,6 +273,24 @@ def _failed_over(spec: ClusterSpec, dead_id: str) -> bool:
         return False
     owners = {v[0] for st in live for v in st.view if v[2] == "master" and v[4]}
     return dead_id not in owners and len(owners) == spec.masters
+
+
+def _master_in(lab: Lab, pop: PopSite) -> None:
+    """Make a node in `pop` a master (a clean manual failover of one of its replicas) unless
+    one is: cutting that POP off must take a master with it (earlier faults move them)."""
+    spec = _cluster(lab)
+
+    def local() -> list[NodeStatus]:
+        return [st for st in probe(spec) if st.netns == pop.ns.name and st.answering]
+
+    if any(st.role == "master" for st in local()):
+        return
+    replica = local()[0]
+    with spec.connect(spec.nodes[replica.index]) as client:
+        client.call("CLUSTER", "FAILOVER")
+    if not wait_until(lambda: any(st.role == "master" for st in local()), 30, 0.2):
+        raise RuntimeError(f"{replica.addr} did not take over its master's slots")
+    lab._redis("wait", "--timeout", "60")
 
 
 def _signal_all(spec: ClusterSpec, sig: signal.Signals) -> int:
@@ -487,6 +526,14 @@ def _pop_cut(d: _FaultDriver) -> None:
     d.pause()
     link("up")
     d.undo.pop()
+
+    def forget_failed_neighbours() -> None:
+        # After the measurement: the POP's kernel keeps the fabric gateways FAILED and routes
+        # around them for up to a minute (see README, Reliability), which the next fault's
+        # fresh forwarders would inherit.
+        pop.ns.ip("-6", "neigh", "flush", "dev", "fabric")
+
+    d.undo.append(forget_failed_neighbours)
     d.note("redis", f"{pop.name} reconnected to the fabric")
     d.wait_cluster_healthy()
     pop.announce()
@@ -576,7 +623,10 @@ def run_fault(
         run.note("withdraw", f"{pop} withdrawn (health gate)")
 
     lab.on_withdraw = withdrawn
+    sampler.resume()
     try:
+        if name == "pop-cut":
+            _master_in(lab, lab.pop(FIRST_POP))
         driver.set_up()
         run.t0 = time.monotonic()
         driver.open_wave(opts.connections, opts.udp_flows)
@@ -590,6 +640,9 @@ def run_fault(
         if run.killed_backend:
             late = [f for f in late if run.killed_backend not in f["backends"]]
         run.checks["late_pinnings_in_store"] = driver.check_readable(lab.pops, late)
+        for pop in lab.pops:
+            sampler.sample(pop)
+        run.totals, run.rss_max_kb, run.per_pop = sampler.take()
         log(f"  [{name}] done: {_count(run.flows, run.killed_backend)}")
     finally:
         driver.stop_waves()
@@ -602,8 +655,12 @@ def run_fault(
                 undo()
             except Exception as exc:  # keep restoring the rest
                 failures.append(exc)
+        if not run.totals:  # the fault failed half-way: what was counted until then
+            for pop in lab.pops:
+                sampler.sample(pop)
+            run.totals, run.rss_max_kb, run.per_pop = sampler.take()
         driver.tear_down()
-        run.totals, run.rss_max_kb = sampler.take()
+        sampler.take()
         run.routes = monitor.since(run.t0)
         if failures:
             raise RuntimeError(f"{name}: could not restore the lab: {failures}")
@@ -654,6 +711,10 @@ def summarize_fault(run: FaultRun) -> dict[str, Any]:
         "udp_stalled": sum(f["status"] == "stalled" for f in udp_kept),
         "route_moves": route_moves(run.routes, run.t_end),
         "slow_path": core,
+        "per_pop_lookups": {
+            pop: {k: c.get(f"core.{k}", 0) for k in STORE_COUNTERS[:5]}
+            for pop, c in sorted(run.per_pop.items())
+        },
         "store_client": {
             k: run.totals.get(f"store.{k}", 0)
             for k in ("timeouts", "connection_errors", "connect_failures", "fast_fail", "moved")
