@@ -699,6 +699,11 @@ def summarize_fault(run: FaultRun) -> dict[str, Any]:
         **_status_counts(kept),
         "dropped": drop_reasons(run.totals),
         "errors": dict(Counter(str(f["error"]) for f in kept if f["status"] != "completed")),
+        "lost": [
+            {k: f[k] for k in ("src", "sport", "wave", "status", "error", "backends")}
+            for f in tcp
+            if f["status"] != "completed"
+        ],
         "late_connections": sum(1 for f in kept if f.get("wave") == 2),
         "longest_silence_s": round(max((f["max_gap"] for f in kept), default=0.0), 2),
         "served_by_several_pops": sum(
@@ -738,20 +743,25 @@ def _dropped_text(dropped: dict[str, int]) -> str:
 
 def fault_table(summaries: dict[str, dict[str, Any]]) -> str:
     """One row per fault: connections, how they ended, frames dropped by reason."""
-    head = f"{'fault':<19}{'conns':>7}{'completed':>11}{'reset':>7}{'stalled':>9}"
+    cols = ("connections", "completed", "reset", "stalled", "failed")
+    widths = (7, 11, 7, 9, 8)
+    head = f"{'fault':<19}" + "".join(
+        f"{name if name != 'connections' else 'conns':>{w}}"
+        for name, w in zip(cols, widths, strict=True)
+    )
     head += "  dropped by reason"
     lines = [head, "-" * max(len(head), 80)]
-    for name, s in summaries.items():
-        lines.append(
-            f"{name:<19}{s['connections']:>7}{s['completed']:>11}{s['reset']:>7}{s['stalled']:>9}"
-            f"  {_dropped_text(s['dropped'])}"
+
+    def row(label: str, s: dict[str, Any]) -> str:
+        return f"{label:<19}" + "".join(
+            f"{s[name]:>{w}}" for name, w in zip(cols, widths, strict=True)
         )
+
+    for name, s in summaries.items():
+        lines.append(row(name, s) + f"  {_dropped_text(s['dropped'])}")
         k = s.get("on_killed_backend")
         if k:
-            lines.append(
-                f"  on killed {k['backend']:<7}{k['connections']:>7}{k['completed']:>11}"
-                f"{k['reset']:>7}{k['stalled']:>9}  (not counted above)"
-            )
+            lines.append(row(f"  on killed {k['backend']}", k) + "  (not counted above)")
     return "\n".join(lines)
 
 
