@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import socket
 import struct
-import subprocess
 import time
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
 from forwarder.bpf import attach_filter, detach_filter, vip_filter
+from tests.netns import Netns, Topology
 
 pytestmark = [
     pytest.mark.e2e,
@@ -22,7 +18,6 @@ pytestmark = [
 ]
 
 ETH_P_ALL = 0x0003
-CLONE_NEWNET = 0x40000000
 VIP4 = socket.inet_pton(socket.AF_INET, "192.0.2.10")
 OTHER4 = socket.inet_pton(socket.AF_INET, "192.0.2.11")
 VIP6 = socket.inet_pton(socket.AF_INET6, "2001:db8::10")
@@ -30,65 +25,18 @@ OTHER6 = socket.inet_pton(socket.AF_INET6, "2001:db8::11")
 CLIENT4 = socket.inet_pton(socket.AF_INET, "198.51.100.7")
 CLIENT6 = socket.inet_pton(socket.AF_INET6, "2001:db8:ffff::7")
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
-
-
-@contextlib.contextmanager
-def inside(netns: str) -> Iterator[None]:
-    """Run the block with this thread in `netns` (sockets created there stay there)."""
-    with open("/proc/thread-self/ns/net", "rb") as home, open(f"/run/netns/{netns}", "rb") as ns:
-        if _libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        try:
-            yield
-        finally:
-            if _libc.setns(home.fileno(), CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-
-
-def wait_up(netns: str, *ifnames: str) -> None:
-    """Wait until the links are operationally up: until linkwatch attaches their qdisc (up to
-    a second after `link set up`), frames sent on them are dropped."""
-    deadline = time.monotonic() + 3.0
-    for ifname in ifnames:
-        while True:
-            state = subprocess.run(
-                ["ip", "-n", netns, "-j", "link", "show", ifname],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            if '"operstate":"UP"' in state:
-                break
-            assert time.monotonic() < deadline, f"{netns}/{ifname} never came up"
-            time.sleep(0.02)
-
 
 @pytest.fixture
-def veth_pair() -> Iterator[tuple[str, str, bytes]]:
-    """Namespaces `cap` (veth `va`) and `peer` (veth `vb`); yields (cap, peer, MAC of va)."""
-    tag = uuid.uuid4().hex[:8]
-    cap, peer = f"fsbpf-{tag}-a", f"fsbpf-{tag}-b"
-    made: list[str] = []
-    try:
-        for ns in (cap, peer):
-            ip("netns", "add", ns)
-            made.append(ns)
-        ip("link", "add", "va", "netns", cap, "type", "veth", "peer", "name", "vb", "netns", peer)
-        ip("-n", cap, "link", "set", "va", "up")
-        ip("-n", peer, "link", "set", "vb", "up")
-        wait_up(cap, "va")
-        wait_up(peer, "vb")
-        with inside(cap):
-            mac = bytes.fromhex(mac_of("va"))
-        yield cap, peer, mac
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+def veth_pair(netns_factory: Topology) -> tuple[Netns, Netns, bytes]:
+    """Namespaces `cap` (veth `va`) and `peer` (veth `vb`); returns (cap, peer, MAC of va)."""
+    cap, peer = netns_factory.add_netns("cap"), netns_factory.add_netns("peer")
+    netns_factory.veth(cap, "va", peer, "vb")
+    # Until linkwatch attaches their qdisc (up to a second after `link set up`), frames sent
+    # on the links are dropped.
+    netns_factory.settle()
+    with cap.entered():
+        mac = bytes.fromhex(mac_of("va"))
+    return cap, peer, mac
 
 
 def mac_of(ifname: str) -> str:
@@ -136,9 +84,9 @@ def markers(frames: list[bytes]) -> set[bytes]:
     return found
 
 
-def test_filter_admits_only_vip_frames(veth_pair: tuple[str, str, bytes]) -> None:
+def test_filter_admits_only_vip_frames(veth_pair: tuple[Netns, Netns, bytes]) -> None:
     cap, peer, mac = veth_pair
-    with inside(cap):
+    with cap.entered():
         # Protocol 0 receives nothing until bound with ETH_P_ALL, so the filter is in place
         # before the first frame can be queued.
         filtered = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
@@ -146,7 +94,7 @@ def test_filter_admits_only_vip_frames(veth_pair: tuple[str, str, bytes]) -> Non
         filtered.bind(("va", ETH_P_ALL))
         unfiltered = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         unfiltered.bind(("va", ETH_P_ALL))
-    with inside(peer):
+    with peer.entered():
         sender = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         sender.bind(("vb", 0))
     sends = {
