@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import fcntl
 import os
 import socket
 import struct
-import subprocess
 import time
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import pytest
@@ -26,53 +22,17 @@ from forwarder.pyio import (
     TP_STATUS_VLAN_VALID,
     PyPacketRing,
 )
+from tests.netns import Netns, Topology
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
 ]
 
-CLONE_NEWNET = 0x40000000
 VIP4 = socket.inet_pton(socket.AF_INET, "192.0.2.10")
 VIP6 = socket.inet_pton(socket.AF_INET6, "2001:db8::10")
 PEER6 = "2001:db8::2"
 CLIENT4 = socket.inet_pton(socket.AF_INET, "198.51.100.7")
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-@contextlib.contextmanager
-def inside(netns: str) -> Iterator[None]:
-    """Run the block with this thread in `netns` (sockets created there stay there)."""
-    with open("/proc/thread-self/ns/net", "rb") as home, open(f"/run/netns/{netns}", "rb") as ns:
-        if _libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        try:
-            yield
-        finally:
-            if _libc.setns(home.fileno(), CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-
-
-def wait_up(netns: str, *ifnames: str) -> None:
-    """Wait until the links are operationally up: until linkwatch attaches their qdisc (up to
-    a second after `link set up`), frames sent on them are dropped."""
-    deadline = time.monotonic() + 3.0
-    for ifname in ifnames:
-        while True:
-            state = subprocess.run(
-                ["ip", "-n", netns, "-j", "link", "show", ifname],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            if '"operstate":"UP"' in state:
-                break
-            assert time.monotonic() < deadline, f"{netns}/{ifname} never came up"
-            time.sleep(0.02)
 
 
 def mac_of(ifname: str) -> bytes:
@@ -83,38 +43,27 @@ def mac_of(ifname: str) -> bytes:
 
 
 class Lab(NamedTuple):
-    cap: str  # the forwarder's namespace, veth `va`
-    peer: str  # the other end, veth `vb`
+    cap: Netns  # the forwarder's namespace, veth `va`
+    peer: Netns  # the other end, veth `vb`
     va_mac: bytes
     vb_mac: bytes
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    tag = uuid.uuid4().hex[:8]
-    cap, peer = f"fsio-{tag}-a", f"fsio-{tag}-b"
-    made: list[str] = []
-    try:
-        for ns in (cap, peer):
-            ip("netns", "add", ns)
-            made.append(ns)
-        ip("link", "add", "va", "netns", cap, "type", "veth", "peer", "name", "vb", "netns", peer)
-        ip("-n", cap, "link", "set", "va", "up")
-        ip("-n", peer, "link", "set", "vb", "up")
-        wait_up(cap, "va")
-        wait_up(peer, "vb")
-        ip("-n", peer, "addr", "add", f"{PEER6}/64", "dev", "vb", "nodad")
-        with inside(cap):
-            va_mac = mac_of("va")
-        with inside(peer):
-            vb_mac = mac_of("vb")
-        # The peer reaches the VIP through `va` without neighbour discovery.
-        vip = socket.inet_ntop(socket.AF_INET6, VIP6)
-        ip("-n", peer, "neigh", "add", vip, "lladdr", va_mac.hex(":"), "dev", "vb")
-        yield Lab(cap, peer, va_mac, vb_mac)
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+def lab(netns_factory: Topology) -> Lab:
+    cap, peer = netns_factory.add_netns("cap"), netns_factory.add_netns("peer")
+    netns_factory.veth(cap, "va", peer, "vb", b_addrs=[f"{PEER6}/64"])
+    # Until linkwatch attaches their qdisc (up to a second after `link set up`), frames sent
+    # on the links are dropped.
+    netns_factory.settle()
+    with cap.entered():
+        va_mac = mac_of("va")
+    with peer.entered():
+        vb_mac = mac_of("vb")
+    # The peer reaches the VIP through `va` without neighbour discovery.
+    vip = socket.inet_ntop(socket.AF_INET6, VIP6)
+    peer.ip("neigh", "add", vip, "lladdr", va_mac.hex(":"), "dev", "vb")
+    return Lab(cap, peer, va_mac, vb_mac)
 
 
 class Result(NamedTuple):
@@ -189,7 +138,7 @@ def udp6_checksum_ok(packet: bytes) -> bool:
 
 
 def peer_sender(lab: Lab) -> socket.socket:
-    with inside(lab.peer):
+    with lab.peer.entered():
         sender = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         sender.bind(("vb", 0))
     return sender
@@ -203,7 +152,7 @@ def test_frames_from_the_peer_arrive_whole_with_vlan_tags_restored(lab: Lab) -> 
         eth(lab.va_mac, lab.vb_mac, 0x0800, ipv4(VIP4, b"dot1ad"), tags=[0x88A8]),
         eth(lab.va_mac, lab.vb_mac, 0x0800, ipv4(VIP4, b"qinq"), tags=[0x88A8, 0x8100]),
     ]
-    with inside(lab.cap), PyPacketRing("va", bpf=vip_filter([VIP4, VIP6])) as ring:
+    with lab.cap.entered(), PyPacketRing("va", bpf=vip_filter([VIP4, VIP6])) as ring:
         engine = StandInEngine()
         for frame in sent:
             sender.send(frame)
@@ -237,7 +186,7 @@ def test_frames_from_the_peer_arrive_whole_with_vlan_tags_restored(lab: Lab) -> 
 
 def test_csum_not_ready_for_a_local_udp_datagram(lab: Lab) -> None:
     def send_udp(marker: bytes) -> None:
-        with inside(lab.peer), socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp:
+        with lab.peer.entered(), socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp:
             udp.sendto(marker, (socket.inet_ntop(socket.AF_INET6, VIP6), 5000))
 
     def datagrams(engine: StandInEngine) -> list[tuple[bytes, int]]:
@@ -247,7 +196,7 @@ def test_csum_not_ready_for_a_local_udp_datagram(lab: Lab) -> None:
             if f[12:14] == b"\x86\xdd" and f[20] == 17
         ]
 
-    with inside(lab.cap), PyPacketRing("va", bpf=vip_filter([VIP6])) as ring:
+    with lab.cap.entered(), PyPacketRing("va", bpf=vip_filter([VIP6])) as ring:
         # veth offers TX checksum offload by default: the datagram crosses with CHECKSUM_PARTIAL.
         engine = StandInEngine()
         send_udp(b"partial")
@@ -258,11 +207,7 @@ def test_csum_not_ready_for_a_local_udp_datagram(lab: Lab) -> None:
         assert not udp6_checksum_ok(packet)  # only the pseudo-header sum is in the field
         assert ring.counters()["rx_csum_not_ready"] == 1
 
-        subprocess.run(
-            ["ip", "netns", "exec", lab.peer, "ethtool", "-K", "vb", "tx", "off"],
-            check=True,
-            capture_output=True,
-        )
+        lab.peer.run(["ethtool", "-K", "vb", "tx", "off"])
         engine = StandInEngine()
         send_udp(b"complete")
         run_until(ring, engine, 1)
@@ -273,7 +218,7 @@ def test_csum_not_ready_for_a_local_udp_datagram(lab: Lab) -> None:
 
 
 def capture_in_peer(lab: Lab) -> socket.socket:
-    with inside(lab.peer):
+    with lab.peer.entered():
         cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
         cap.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
         cap.bind(("vb", 0x0003))
@@ -301,7 +246,7 @@ def test_tx_frames_arrive_with_the_right_ethernet_header(lab: Lab) -> None:
     outer = struct.pack("!IHBB16s16s", 0x60012345, len(inner), 4, 64, bytes(16), VIP6) + inner
     reply = eth(lab.vb_mac, lab.va_mac, 0x0800, ipv4(CLIENT4, b"icmp-reply"), tags=[0x8100])
     capture = capture_in_peer(lab)
-    with inside(lab.cap), PyPacketRing("va") as ring:
+    with lab.cap.entered(), PyPacketRing("va") as ring:
         va = socket.if_nametoindex("va")
         ring.set_link(7, va, lab.va_mac, lab.vb_mac)
         engine = StandInEngine(tx=[(7, outer), (REPLY, reply), (8, outer)])
@@ -338,7 +283,7 @@ def test_tx_frames_arrive_with_the_right_ethernet_header(lab: Lab) -> None:
 
 def test_fanout_group_members_share_the_traffic(lab: Lab) -> None:
     sender = peer_sender(lab)
-    with inside(lab.cap):
+    with lab.cap.entered():
         program = vip_filter([VIP4])
         first = PyPacketRing("va", fanout_group=4242, bpf=program)
         second = PyPacketRing("va", fanout_group=4242, bpf=program)
@@ -361,7 +306,7 @@ def test_fanout_group_members_share_the_traffic(lab: Lab) -> None:
 
 
 def test_bad_arguments(lab: Lab) -> None:
-    with inside(lab.cap):
+    with lab.cap.entered():
         with pytest.raises(UsageError):
             PyPacketRing("va", fanout_group=70000)
         with PyPacketRing("va", bpf=vip_filter([VIP4])) as quiet:
