@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from flowstate.errors import ConfigError
 from flowstate.flow import Proto
+from flowstate.store.base import ReplicaReads
 from forwarder import maglev
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -177,6 +178,10 @@ class StoreConfig:
     """Cap on store writes, so a SYN flood does not become a write flood."""
     fallback: bool = True
     """On store failure pick the backend by Maglev rather than dropping the packet."""
+    read_from_replicas: ReplicaReads = ReplicaReads.ON_FAILURE
+    """``on-failure``: lookups of the slots of a master that is down or does not answer in time
+    are read from one of its replicas (READONLY) until it answers again; ``off``: only masters
+    answer, so that master's flows fall back. Never used for writes."""
 
     def read_password(self, environ: Mapping[str, str] | None = None) -> Secret | None:
         """The password from whichever source is configured; ConfigError if it cannot be read."""
@@ -346,6 +351,15 @@ class ForwarderConfig:
     whatever the data path might be made to do, it cannot use root's other powers. Files a
     worker reads later (password, TLS key, the config on reload) must then be readable by
     root without CAP_DAC_OVERRIDE: owned by root, or readable by it."""
+    user: str | None = None
+    """Workers run as this user (not root) once their code is loaded, keeping CAP_NET_RAW and
+    CAP_NET_ADMIN only; a root supervisor keeps what needs root (nftables, BGP, restarting
+    workers), so even one worker runs under it. The user must exist on this host; it must be
+    able to read the config file (reload), the password and TLS files, and it is given the
+    control socket's directory. None: workers stay root (see `drop_capabilities`)."""
+    group: str | None = None
+    """The workers' group with `user`; None: the user's primary group. Supplementary groups
+    are the user's (/etc/group) either way."""
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     flow_table: FlowTableConfig = field(default_factory=FlowTableConfig)
@@ -401,6 +415,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Fo
     """Validate parsed TOML. Relative file paths are resolved against `base_dir` if given.
 
     Does not touch the filesystem or the environment: secrets and TLS files are read at start-up.
+    Only `user` and `group` are looked up (in the user database), so that a typo is refused here.
     """
     top = _Section(data, "", _TOP_KEYS)
     pop = top.pop_id("pop")
@@ -414,6 +429,8 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Fo
         "impl": top.choice("impl", Impl),
         "ingress_drop": top.boolean("ingress_drop"),
         "drop_capabilities": top.boolean("drop_capabilities"),
+        "user": _user(top),
+        "group": _group(top),
         "timeouts": _parse_timeouts(top.section("timeouts", _TIMEOUT_KEYS)),
         "store": _parse_store(top.section("store", _STORE_KEYS), base_dir),
         "flow_table": _parse_flow_table(top.section("flow_table", _FLOW_TABLE_KEYS)),
@@ -447,6 +464,43 @@ _E = TypeVar("_E", bound=enum.StrEnum)
 def _build(cls: type[_T], kw: dict[str, Any]) -> _T:
     """Construct `cls` from the keys that were present; absent (None) ones take the default."""
     return cls(**{k: v for k, v in kw.items() if v is not None})
+
+
+def _user(top: _Section) -> str | None:
+    """`user`: an existing account other than root."""
+    import pwd
+
+    name = top.string("user")
+    if name is None:
+        return None
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        reason = f"no user {name!r} on this host (create it, e.g. useradd --system {name})"
+        raise ConfigError(top.name("user"), reason) from None
+    if entry.pw_uid == 0:
+        reason = f"{name!r} is root: leave `user` out to stay root (see drop_capabilities)"
+        raise ConfigError(top.name("user"), reason)
+    return name
+
+
+def _group(top: _Section) -> str | None:
+    """`group`: an existing group other than root's, and only with `user`."""
+    import grp
+
+    name = top.string("group")
+    if name is None:
+        return None
+    if "user" not in top.data:
+        raise ConfigError(top.name("group"), "only with `user` (the group the workers run as)")
+    try:
+        entry = grp.getgrnam(name)
+    except KeyError:
+        reason = f"no group {name!r} on this host (create it, e.g. groupadd --system {name})"
+        raise ConfigError(top.name("group"), reason) from None
+    if entry.gr_gid == 0:
+        raise ConfigError(top.name("group"), f"{name!r} is root's group (gid 0)")
+    return name
 
 
 def _parse_timeouts(s: _Section) -> TimeoutsConfig:
@@ -513,6 +567,7 @@ def _parse_store(s: _Section, base_dir: Path | None) -> StoreConfig:
             "write_deadline_ms": s.number("write_deadline_ms", 0.0, 60000.0),
             "max_writes_per_s": s.integer("max_writes_per_s", 1, 10_000_000),
             "fallback": s.boolean("fallback"),
+            "read_from_replicas": s.choice("read_from_replicas", ReplicaReads),
         },
     )
 

@@ -11,57 +11,20 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+# Re-exported: the capability code lives in forwarder.privileges.
+from forwarder.privileges import (
+    CAP_NET_ADMIN,
+    CAP_NET_RAW,
+    WORKER_CAPABILITIES,
+    drop_capabilities,
+)
+
 if TYPE_CHECKING:
     from forwarder.config import ForwarderConfig
 
 log = logging.getLogger("flowstate.forwarder")
 
-#: Capabilities a worker keeps (linux/capability.h): its packet sockets (CAP_NET_RAW), their
-#: forced buffer sizes and the neighbour probes (CAP_NET_ADMIN).
-CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
-WORKER_CAPABILITIES = (CAP_NET_ADMIN, CAP_NET_RAW)
-_PR_CAPBSET_READ, _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 23, 24, 47, 4
-_CAPABILITY_VERSION_3 = 0x20080522
-
-
-def drop_capabilities(keep: tuple[int, ...] = WORKER_CAPABILITIES) -> int:
-    """Keep only `keep` (of what this process has) in its effective, permitted and bounding
-    sets, and nothing inheritable or ambient: neither this process nor a program it runs can
-    get the others back. Returns the mask kept; raises OSError if the kernel refuses."""
-    import ctypes
-    from pathlib import Path
-
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-    class Data(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_uint32) for n in ("effective", "permitted", "inheritable")]
-
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def check(result: int, what: str) -> None:
-        if result != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"{what}: {os.strerror(err)}")
-
-    header, data = Header(_CAPABILITY_VERSION_3, 0), (Data * 2)()
-    check(libc.capget(ctypes.byref(header), data), "capget")
-    permitted = int(data[0].permitted) | int(data[1].permitted) << 32
-    kept = sum(1 << cap for cap in keep) & permitted
-    # The bounding set first, while CAP_SETPCAP is still effective (without it, as a
-    # non-root user, there is nothing in it to fear: exec cannot raise what we lack).
-    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
-    for cap in range(last + 1):
-        if kept >> cap & 1 or libc.prctl(_PR_CAPBSET_READ, cap, 0, 0, 0) != 1:
-            continue
-        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and permitted >> 8 & 1:
-            check(-1, f"PR_CAPBSET_DROP {cap}")  # we had CAP_SETPCAP: it must not fail
-    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-    for i in (0, 1):
-        data[i].effective = data[i].permitted = kept >> (32 * i) & 0xFFFFFFFF
-        data[i].inheritable = 0
-    check(libc.capset(ctypes.byref(header), data), "capset")
-    return kept
+__all__ = ["CAP_NET_ADMIN", "CAP_NET_RAW", "WORKER_CAPABILITIES", "drop_capabilities", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +88,10 @@ def run_worker(
     from forwarder.service import serve
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    if config.drop_capabilities:
+    if config.user is not None:
+        if not become_user(config, config_path):
+            return 1
+    elif config.drop_capabilities:
         # Before the worker opens anything: its packet rings need only what it keeps, and
         # nothing it does later (control socket, store, health checks, reload) needs more.
         try:
@@ -152,6 +118,35 @@ def run_worker(
         print(f"flowstate-forwarder: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def become_user(config: ForwarderConfig, config_path: str | None) -> bool:
+    """With `user`: give it the control socket's directory, load the worker's code, switch to
+    it (CAP_NET_RAW and CAP_NET_ADMIN kept), then check that it can read what a worker reads
+    later. False (and why on stderr) if any of it fails: the worker must not run half-switched
+    or find out at its first reload or reconnect."""
+    from forwarder import privileges
+
+    assert config.user is not None
+    try:
+        identity = privileges.resolve(config.user, config.group)
+        if os.geteuid() == 0:
+            privileges.give_socket_directory(config.control.socket, identity)
+        privileges.preload()
+        kept = privileges.switch_user(identity)
+    except (LookupError, OSError) as exc:
+        print(f"flowstate-forwarder: cannot run as user {config.user}: {exc}", file=sys.stderr)
+        return False
+    problems = privileges.unreadable(privileges.files_to_read(config, config_path))
+    if problems:
+        for problem in problems:
+            print(
+                f"flowstate-forwarder: user {identity.user} cannot read {problem}", file=sys.stderr
+            )
+        return False
+    log.info("running as user %s, no new privileges", identity)
+    log.info("capabilities: kept %#x (CAP_NET_RAW, CAP_NET_ADMIN), dropped the rest", kept)
+    return True
 
 
 def supervise(args: argparse.Namespace, config: ForwarderConfig) -> int:
@@ -288,8 +283,11 @@ def _run(args: argparse.Namespace, config: ForwarderConfig) -> int:
     """Supervise workers, or be the one worker."""
     from forwarder.config import BgpKind
 
-    if args.worker is None and (config.workers > 1 or config.bgp.kind is not BgpKind.NONE):
-        # BGP: even one worker runs under the supervisor, which withdraws when it dies.
+    supervised = config.workers > 1 or config.bgp.kind is not BgpKind.NONE
+    if args.worker is None and (supervised or config.user is not None):
+        # BGP: even one worker runs under the supervisor, which withdraws when it dies. `user`:
+        # the supervisor stays root for what needs root after start-up (removing the nft
+        # tables, restarting a worker: it loads its code and opens its rings as root).
         from forwarder.control import socket_in_use
 
         busy = socket_in_use(config.control.socket)

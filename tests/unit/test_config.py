@@ -453,3 +453,68 @@ def test_example_bgp_section_parses_when_uncommented() -> None:
     data = example()
     data["bgp"] = tomllib.loads("\n".join(keys))
     assert parse_config(data).bgp == BgpConfig(kind=BgpKind.BIRD)
+
+
+# --- user / group ---------------------------------------------------------------------------
+
+
+def test_user_and_group_default_to_staying_root() -> None:
+    config = parse_config(tomllib.loads(MINIMAL))
+    assert (config.user, config.group) == (None, None)
+
+
+def test_existing_user_and_group_are_kept_by_name() -> None:
+    import grp
+    import pwd
+
+    nogroup = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+    data = tomllib.loads(MINIMAL)
+    data["user"] = "nobody"
+    assert parse_config(data).user == "nobody"
+    data["group"] = nogroup
+    config = parse_config(data)
+    assert (config.user, config.group) == ("nobody", nogroup)
+
+
+@pytest.mark.parametrize(
+    ("settings", "field", "reason"),
+    [
+        ({"user": "flowstate-no-such-user"}, "user", "no user 'flowstate-no-such-user'"),
+        ({"user": ""}, "user", "no user ''"),
+        ({"user": 1000}, "user", "must be a string"),
+        ({"user": "root"}, "user", "is root"),
+        ({"group": "nogroup"}, "group", "only with `user`"),
+        ({"user": "nobody", "group": "flowstate-no-such-group"}, "group", "no group"),
+        ({"user": "nobody", "group": "root"}, "group", "root's group"),
+        ({"usr": "nobody"}, "usr", "did you mean 'user'?"),
+    ],
+)
+def test_bad_user_or_group_names_its_field(
+    settings: dict[str, Any], field: str, reason: str
+) -> None:
+    data = tomllib.loads(MINIMAL)
+    data.update(settings)
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert info.value.field == field, info.value
+    assert reason in info.value.reason, info.value
+
+
+def test_check_config_refuses_an_unknown_user(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "fwd.toml"
+    f.write_text('user = "flowstate-no-such-user"\n' + MINIMAL)
+    assert daemon.check_config(str(f)) == 1
+    err = capsys.readouterr().err
+    assert "config error: user: no user 'flowstate-no-such-user' on this host" in err
+
+
+def test_a_changed_user_needs_a_restart() -> None:
+    from forwarder.reload import merge
+
+    running = parse_config(tomllib.loads(MINIMAL))
+    loaded = parse_config({**tomllib.loads(MINIMAL), "user": "nobody"})
+    merged, needs = merge(running, loaded)
+    assert merged.user is None
+    assert needs == ["user"]
