@@ -19,9 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from tests.netns import Netns, Topology, wait_until
 
@@ -54,7 +55,7 @@ class Pop:
     # ---- building -------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, topo: Topology, backends: int = 3) -> Pop:
+    def build(cls, topo: Topology, backends: int = 3) -> Self:
         client, rt, fwd, rds = (topo.add_netns(r) for r in ("client", "rt", "fwd", "rds"))
         pop = cls(topo, client, rt, fwd, rds)
         topo.veth(
@@ -95,6 +96,24 @@ class Pop:
         topo.settle()
         pop._start_redis()
         return pop
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, tag: str, impl: str, backends: int, serving: list[int]) -> Iterator[Self]:
+        """A POP of backends 1..`backends` in a new topology, its forwarder started with
+        `serving`; for a module fixture. Everything is torn down after the block, also when
+        building or starting fails."""
+        topo = Topology(tag=tag)
+        built: Self | None = None
+        try:
+            built = cls.build(topo, backends=backends)
+            built.start_forwarder(impl, backends=serving)
+            yield built
+        finally:
+            if built is not None:
+                built.close()
+            else:
+                topo.close()
 
     def _fabric(self, ns: Netns, dev: str, addrs: list[str]) -> None:
         peer = f"br-{ns.role}"[:15]

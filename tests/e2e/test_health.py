@@ -20,7 +20,7 @@ import pytest
 from tests.e2e.conftest import require_netns
 from tests.e2e.pop import CLIENT4, REPO, VIP4, Pop, decap_addr
 from tests.e2e.test_reload import IMPL, cli, failures, udp_from_ports
-from tests.netns import Topology, wait_until
+from tests.netns import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -61,18 +61,8 @@ class HealthPop(Pop):
 @pytest.fixture(scope="module")
 def pop() -> Iterator[HealthPop]:
     require_netns()
-    topo = Topology(tag="health")
-    built: Pop | None = None
-    try:
-        built = HealthPop.build(topo, backends=3)
-        assert isinstance(built, HealthPop)
-        built.start_forwarder(IMPL, backends=[1, 2, 3])
+    with HealthPop.running("health", IMPL, backends=3, serving=[1, 2, 3]) as built:
         yield built
-    finally:
-        if built is not None:
-            built.close()
-        else:
-            topo.close()
 
 
 def backends_of(pop: Pop) -> dict[str, dict[str, Any]]:

@@ -19,7 +19,7 @@ import pytest
 from forwarder.fastpath import c_engine_available
 from tests.e2e.conftest import require_netns
 from tests.e2e.pop import CLIENT4, REPO, VIP4, Pop, decap_addr
-from tests.netns import Topology, wait_until
+from tests.netns import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -79,18 +79,8 @@ class WorkersPop(Pop):
 @pytest.fixture(scope="module")
 def pop() -> Iterator[WorkersPop]:
     require_netns()
-    topo = Topology(tag="reload")
-    built: Pop | None = None
-    try:
-        built = WorkersPop.build(topo, backends=4)
-        assert isinstance(built, WorkersPop)
-        built.start_forwarder(IMPL, backends=[1, 2, 3])
+    with WorkersPop.running("reload", IMPL, backends=4, serving=[1, 2, 3]) as built:
         yield built
-    finally:
-        if built is not None:
-            built.close()
-        else:
-            topo.close()
 
 
 def test_adding_a_backend_by_sighup_moves_no_open_connection(pop: Pop) -> None:
