@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from flowstate.flow import FiveTuple, Proto
 from flowstate.record import FlowRecord
+from flowstate.store.base import LOOKUP_FAILED, LookupResult
 
 #: A flow as the engine reports it: (proto, client_ip, client_port, vip_ip, vip_port).
 FlowT = tuple[int, bytes, int, bytes, int]
@@ -321,9 +322,12 @@ class ForwardingCore:
         return backend_id
 
     def on_lookups(
-        self, flows: Sequence[FlowT], records: Sequence[FlowRecord | None] | None, now_ms: int
+        self, flows: Sequence[FlowT], records: Sequence[LookupResult] | None, now_ms: int
     ) -> Any:
         """Install the answers (None = the store failed) and re-run the flows' queued frames.
+
+        An item `LOOKUP_FAILED` (its Redis master could not answer) is a failure of that flow
+        alone, handled as if the whole batch had failed; the other items are installed.
 
         Returns the engine's Result for the re-run frames (its `tx` is what to send).
         """
@@ -332,8 +336,9 @@ class ForwardingCore:
         for i, flow in enumerate(flows):
             self._in_flight.discard(flow)
             backend_id: int | None = None
-            rec = records[i] if records is not None else None
-            if records is None:
+            rec = records[i] if records is not None else LOOKUP_FAILED
+            if rec is LOOKUP_FAILED:
+                rec = None
                 self.counters["lookup_failed"] += 1
                 if now_ms - self._first_miss.get(flow, now_ms) < patience:
                     self.counters["lookup_retries"] += 1

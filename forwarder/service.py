@@ -173,6 +173,7 @@ async def open_store(config: ForwarderConfig) -> FlowStore:
         config=StoreDeadlines(
             lookup_deadline_ms=sc.lookup_deadline_ms,
             write_deadline_ms=sc.write_deadline_ms,
+            read_from_replicas=sc.read_from_replicas,
         ),
         tls=tls,
     )
@@ -293,7 +294,7 @@ class Forwarder:
         async def lookups() -> None:
             tuples = [to_tuple(f) for f in work.lookups]
             try:
-                records = await self._timed("lookup", store.lookup_many(tuples))
+                records = await self._timed("lookup", store.lookup_many(tuples, partial=True))
             except StoreUnavailable:
                 self._send(self.core.on_lookups(work.lookups, None, monotonic_ms()))
                 return

@@ -11,6 +11,14 @@ Deadlines: see `ClusterClient._wait` (a caller that gives up leaves its connecti
 a desynchronised or stalled connection is aborted and re-dialled lazily) and
 `ClusterClient._conn` (a node whose dial just failed is not re-dialled before a short
 backoff, so calls fail fast while it is down).
+
+Reads (`_exec_read`) answer item by item: the items of a master that cannot answer are
+`LOOKUP_FAILED`, the others are answered. With `read_from_replicas = "on-failure"` a master
+that failed a read (connect refused or timed out, connection lost, deadline) is marked
+failed: its items of the same call are re-sent to one of its replicas if time is left, and
+later reads of its slots go to the replica at once (on a READONLY connection of its own)
+until a background probe (PING every `_PROBE_S`) finds the master answering again, or a
+new slot map no longer lists it as a master (failover).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from flowstate.errors import StoreUnavailable
 from flowstate.flow import CLUSTER_SLOTS
 from flowstate.store._codec import group_by_node
 from flowstate.store._resp import HiredisReplyError, RespConnection, open_connection
-from flowstate.store.base import StoreConfig
+from flowstate.store.base import LOOKUP_FAILED, ReplicaReads, StoreConfig
 
 #: Error replies meaning "not here / not now": the item is re-run through redis-py.
 _REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
@@ -41,6 +49,10 @@ _BACKOFF_MIN = 0.02
 _BACKOFF_MAX = 1.0
 _REFRESH_MIN_INTERVAL = 0.1
 _REFRESH_FAIL_INTERVAL = 0.5
+#: How often a master that reads bypass is probed.
+_PROBE_S = 0.2
+_PING = b"*1\r\n$4\r\nPING\r\n"
+_READONLY = b"*1\r\n$8\r\nREADONLY\r\n"
 
 #: The groups one call sent: (connection, future of the group's replies).
 _Pend = list[tuple[RespConnection, "asyncio.Future[list[Any]]"]]
@@ -48,14 +60,32 @@ _Pend = list[tuple[RespConnection, "asyncio.Future[list[Any]]"]]
 Build = Callable[[list[int]], bytes]
 #: Queues the commands of one item (by index) on a redis-py cluster pipeline.
 Ref = Callable[[Any, int], None]
+#: The items (by index) of one master in a read, the master, and the node read from (the
+#: master or one of its replicas).
+_Group = tuple[list[int], "_Node", "_Node"]
 
 
 class _Node:
-    """One master: its address, its fast connection and the state of re-dialling it."""
+    """One node: its address, its fast connection and the state of re-dialling it.
 
-    __slots__ = ("backoff", "conn", "dial", "host", "name", "port", "retry_at")
+    Masters and replicas are separate `_Node`s (a replica's connection is READONLY and only
+    carries reads), even for one address."""
 
-    def __init__(self, host: str, port: int) -> None:
+    __slots__ = (
+        "backoff",
+        "conn",
+        "dial",
+        "failed",
+        "host",
+        "name",
+        "port",
+        "probe",
+        "readonly",
+        "replicas",
+        "retry_at",
+    )
+
+    def __init__(self, host: str, port: int, *, readonly: bool = False) -> None:
         self.host = host
         self.port = port
         self.name = f"{host}:{port}"
@@ -63,6 +93,12 @@ class _Node:
         self.dial: asyncio.Task[RespConnection] | None = None
         self.retry_at = 0.0
         self.backoff = _BACKOFF_MIN
+        self.readonly = readonly
+        #: Of a master: its replicas (from the slot map), as read-only nodes.
+        self.replicas: list[_Node] = []
+        #: Of a master: reads bypass it (to a replica) until `probe` finds it answering.
+        self.failed = False
+        self.probe: asyncio.Task[None] | None = None
 
 
 class _Deadline(Exception):
@@ -90,6 +126,7 @@ class ClusterClient:
         self.fast_path = fast_path
         self._loop = asyncio.get_running_loop()
         self._pool: dict[tuple[str, int], _Node] = {}
+        self._rpool: dict[tuple[str, int], _Node] = {}  # replicas' read-only connections
         self._masters: list[_Node] = []
         self._slot_node: list[int] = [-1] * CLUSTER_SLOTS
         self._refresh_task: asyncio.Task[None] | None = None
@@ -117,6 +154,10 @@ class ClusterClient:
                 "refreshes",
                 "refresh_failures",
                 "error_replies",
+                "masters_failed",
+                "replica_reads",
+                "replica_failures",
+                "failed_items",
             ),
             0,
         )
@@ -141,9 +182,23 @@ class ClusterClient:
                     node = self._pool[addr] = _Node(*addr)
                 i = index[primary.name] = len(masters)
                 masters.append(node)
+                node.replicas = [self._replica(r.host, int(r.port)) for r in nodes[1:]]
             slot_node[slot] = i
         self._masters = masters
         self._slot_node = slot_node
+        for node in masters:
+            if node.failed and node.probe is None:
+                self._start_probe(node)
+
+    def _replica(self, host: str, port: int) -> _Node:
+        node = self._rpool.get((host, port))
+        if node is None:
+            node = self._rpool[(host, port)] = _Node(host, port, readonly=True)
+        return node
+
+    def _nodes(self) -> list[_Node]:
+        """Every node a connection or task may be held for (masters and replicas)."""
+        return [*self._pool.values(), *self._rpool.values()]
 
     def _schedule_refresh(self) -> None:
         if self._refresh_task is not None or self._closed:
@@ -239,15 +294,18 @@ class ClusterClient:
             raise StoreUnavailable(f"{node.name}: connect did not finish in time") from None
 
     async def _dial(self, node: _Node) -> RespConnection:
+        timeout = self.config.connect_timeout_ms / 1000
         try:
             conn = await open_connection(
                 node.host,
                 node.port,
-                timeout=self.config.connect_timeout_ms / 1000,
+                timeout=timeout,
                 password=self._password,
                 username=self._username,
                 ssl_context=self._ssl,
             )
+            if node.readonly:
+                await _readonly(conn, timeout)
         except (OSError, TimeoutError, ConnectionError) as exc:
             self.counters["connect_failures"] += 1
             node.retry_at = self._loop.time() + node.backoff
@@ -408,6 +466,200 @@ class ClusterClient:
                 return True
         return False
 
+    async def _exec_read(
+        self, keys: list[bytes], build: Build, ref: Ref, deadline_at: float
+    ) -> tuple[list[Any], str | None]:
+        """Run one read command per item, answering item by item: each item's reply, or
+        `LOOKUP_FAILED` where neither its master nor (with replica reads) a replica answered
+        in time; and why the first failed item failed (None if none did).
+
+        Raises `StoreUnavailable` only if the store is closed. The reference path
+        (`fast_path=False`) fails or answers the batch as a whole.
+        """
+        if not keys:
+            return [], None
+        if self._closed:
+            raise StoreUnavailable("store is closed")
+        if not self.fast_path:
+            try:
+                return await self._exec_ref(list(range(len(keys))), 1, ref, deadline_at), None
+            except StoreUnavailable as exc:
+                self.counters["failed_items"] += len(keys)
+                return [LOOKUP_FAILED] * len(keys), str(exc)
+        masters = self._masters
+        groups = group_by_node(keys, self._slot_node, len(masters))
+        redo = groups[-1]
+        on_failure = self.config.read_from_replicas is ReplicaReads.ON_FAILURE
+        todo: list[_Group] = []
+        for i, idxs in enumerate(groups[:-1]):
+            if idxs:
+                node = masters[i]
+                target = node
+                if node.failed and on_failure:
+                    target = self._replica_of(node) or node
+                todo.append((idxs, node, target))
+        out: list[Any] = [None] * len(keys)
+        errors: list[str] = []
+        while todo:
+            todo = await self._read_round(todo, build, deadline_at, out, redo, errors)
+        if redo:
+            self.counters["redirected_items"] += len(redo)
+            self._schedule_refresh()
+            try:
+                again = await self._exec_ref(redo, 1, ref, deadline_at)
+            except StoreUnavailable as exc:
+                errors.append(str(exc))
+                self.counters["failed_items"] += len(redo)
+                for i in redo:
+                    out[i] = LOOKUP_FAILED
+            else:
+                for i, r in zip(redo, again, strict=True):
+                    out[i] = r
+        return out, errors[0] if errors else None
+
+    async def _read_round(
+        self,
+        todo: list[_Group],
+        build: Build,
+        deadline_at: float,
+        out: list[Any],
+        redo: list[int],
+        errors: list[str],
+    ) -> list[_Group]:
+        """Send each group to its target, fill `out` (`redo`: redirected items); return the
+        groups to send again (to a replica: their master failed and time is left)."""
+        sent: list[_Group] = []
+        pend: _Pend = []
+        failed: list[tuple[_Group, BaseException]] = []
+        dial: list[_Group] = []
+        for g in todo:
+            conn = g[2].conn
+            if conn is not None and conn.alive:
+                sent.append(g)
+                pend.append((conn, conn.send(build(g[0]), len(g[0]))))
+            else:
+                dial.append(g)
+        if dial:  # sent to the connected nodes first; dialled concurrently
+            conns = await asyncio.gather(
+                *(self._conn(g[2], deadline_at) for g in dial), return_exceptions=True
+            )
+            for g, c in zip(dial, conns, strict=True):
+                if isinstance(c, RespConnection):
+                    sent.append(g)
+                    pend.append((c, c.send(build(g[0]), len(g[0]))))
+                elif isinstance(c, StoreUnavailable):
+                    failed.append((g, c))
+                else:
+                    raise c
+        if sent:
+            results = await self._wait_each(pend, deadline_at)
+            err = HiredisReplyError
+            for g, rep in zip(sent, results, strict=True):
+                if isinstance(rep, BaseException):
+                    failed.append((g, rep))
+                    continue
+                idxs, master, target = g
+                for i, r in zip(idxs, rep, strict=True):
+                    if type(r) is err and self._is_redirect(r):
+                        redo.append(i)
+                    else:
+                        out[i] = r
+                if target is not master:
+                    self.counters["replica_reads"] += len(idxs)
+        again: list[_Group] = []
+        on_failure = self.config.read_from_replicas is ReplicaReads.ON_FAILURE
+        for g, exc in failed:
+            idxs, master, target = g
+            if target is master:
+                if on_failure:
+                    self._master_failed(master)
+                    replica = self._replica_of(master)
+                    if replica is not None and self._loop.time() < deadline_at:
+                        again.append((idxs, master, replica))
+                        continue
+            else:
+                self.counters["replica_failures"] += 1
+            errors.append(str(exc))
+            self.counters["failed_items"] += len(idxs)
+            for i in idxs:
+                out[i] = LOOKUP_FAILED
+        return again
+
+    async def _wait_each(self, pend: _Pend, deadline_at: float) -> list[list[Any] | Exception]:
+        """`_wait`, group by group: each group's replies, or the `StoreUnavailable` it failed
+        with (deadline, connection lost); the others are not abandoned for it."""
+        entries = self._track(pend, deadline_at)
+        out: list[list[Any] | Exception] = []
+        timeouts = 0
+        try:
+            for conn, fut in pend:
+                try:
+                    out.append(await fut)
+                except _Deadline:
+                    timeouts += 1
+                    out.append(StoreUnavailable(f"{conn.name}: deadline exceeded"))
+                except ConnectionError as exc:
+                    self.counters["connection_errors"] += 1
+                    out.append(StoreUnavailable(str(exc)))
+        finally:
+            entries.pop(id(pend), None)
+        if timeouts:
+            self.counters["timeouts"] += 1
+        if len(out) != sum(type(r) is list for r in out):
+            self._schedule_refresh()  # a master that stopped answering may have been replaced
+        return out
+
+    def _replica_of(self, master: _Node) -> _Node | None:
+        """The replica to read `master`'s slots from: one already connected, else one that
+        may be dialled now (not backing off), else None."""
+        now = self._loop.time()
+        best = None
+        for r in master.replicas:
+            if r.conn is not None and r.conn.alive:
+                return r
+            if best is None and (r.dial is not None or now >= r.retry_at):
+                best = r
+        return best
+
+    def _master_failed(self, node: _Node) -> None:
+        """Reads bypass `node` from now on (to a replica, dialled now) until a probe finds it
+        answering again."""
+        if not node.failed:
+            node.failed = True
+            self.counters["masters_failed"] += 1
+        replica = self._replica_of(node)
+        idle = replica is not None and (replica.conn is None or not replica.conn.alive)
+        if replica is not None and idle and replica.dial is None and not self._closed:
+            replica.dial = self._loop.create_task(self._dial(replica))
+            replica.dial.add_done_callback(_retrieve)
+        if node.probe is None:
+            self._start_probe(node)
+
+    def _start_probe(self, node: _Node) -> None:
+        if not self._closed:
+            node.probe = self._loop.create_task(self._probe(node))
+            node.probe.add_done_callback(_retrieve)
+
+    async def _probe(self, node: _Node) -> None:
+        """PING a failed master every `_PROBE_S` until it answers (reads return to it) or the
+        slot map no longer lists it as a master (its slots have a new one)."""
+        try:
+            while node.failed and not self._closed:
+                await asyncio.sleep(_PROBE_S)
+                if node not in self._masters:
+                    node.failed = False
+                    return
+                deadline_at = self._loop.time() + self.config.connect_timeout_ms / 1000
+                try:
+                    conn = await self._conn(node, deadline_at)
+                    ((reply,),) = await self._wait([(conn, conn.send(_PING, 1))], deadline_at)
+                except StoreUnavailable:
+                    continue
+                if not isinstance(reply, Exception):  # (LOADING and the like: not yet)
+                    node.failed = False
+        finally:
+            node.probe = None
+
     async def _exec_ref(
         self, idxs: list[int], nrep: int, ref: Ref, deadline_at: float
     ) -> list[Any]:
@@ -436,6 +688,18 @@ class ClusterClient:
     def _unexpected(self, r: object) -> StoreUnavailable:
         self.counters["error_replies"] += 1
         return StoreUnavailable(f"unexpected reply from Redis: {r!r}")
+
+
+async def _readonly(conn: RespConnection, timeout: float) -> None:
+    """READONLY on a fresh connection to a replica (reads of its master's slots)."""
+    try:
+        async with asyncio.timeout(timeout):
+            (reply,) = await conn.send(_READONLY, 1)
+        if isinstance(reply, Exception):
+            raise ConnectionError(f"{conn.name}: READONLY refused: {reply}")
+    except BaseException:
+        conn.abort(f"{conn.name}: READONLY failed")
+        raise
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

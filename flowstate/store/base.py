@@ -2,21 +2,64 @@
 
 Every call is batched (one call, many flows) and bounded by a deadline: it either answers
 correctly or raises `StoreUnavailable` quickly. Results are positional (item i answers item i).
+
+Lookups may answer part of a batch. A Redis Cluster batch spans several masters; when one of
+them cannot answer in time (down, stopped, cut off) the others still can. `lookup_many(...,
+partial=True)` returns `LOOKUP_FAILED` for the items that could not be answered and the records
+(or None, "not stored") for the others; it raises `StoreUnavailable` only when no item at all
+could be answered. Without `partial` (the default, for callers asking about one flow or that
+need all answers) any unanswered item raises `StoreUnavailable`, as before. A failed item means
+"unknown": it must not be taken for "not stored" (that would write a new pinning over a flow
+that may be pinned elsewhere). Writes are never partial: they answer or raise.
+
+With `StoreConfig.read_from_replicas` ("on-failure", the default) the Redis store reads the
+slots of a master that failed (connect refused, connection lost, deadline) from one of its
+replicas (READONLY) until the master answers a probe again. Replicas lag their master by
+milliseconds: fine for the flows a lookup is for (pinned earlier, moved here with a route).
 """
 
 from __future__ import annotations
 
 import abc
+import enum
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, Literal, overload
 
+from flowstate.errors import StoreUnavailable, UsageError
 from flowstate.flow import KEY_PREFIX, FiveTuple
 from flowstate.record import FlowRecord
 
 #: (tuple, record, ttl_ms) as given to `pin_many`.
 PinItem = tuple[FiveTuple, FlowRecord, int]
+
+
+class LookupFailed(enum.Enum):
+    """The type of `LOOKUP_FAILED` (an enum, so that `x is LOOKUP_FAILED` narrows types)."""
+
+    LOOKUP_FAILED = "LOOKUP_FAILED"
+
+    def __repr__(self) -> str:
+        return "LOOKUP_FAILED"
+
+
+#: A `lookup_many(..., partial=True)` item the store could not answer (its master was down or
+#: too slow and no replica answered): unknown, not "absent". Compare with `is`.
+LOOKUP_FAILED: Final = LookupFailed.LOOKUP_FAILED
+#: One item of a partial lookup: the record, None (not stored, or not a valid record) or
+#: `LOOKUP_FAILED`.
+LookupResult = FlowRecord | LookupFailed | None
+
+
+class ReplicaReads(enum.StrEnum):
+    """Whether lookups read from replicas (`StoreConfig.read_from_replicas`)."""
+
+    OFF = "off"
+    """Only masters answer; a master that is down fails its items."""
+    ON_FAILURE = "on-failure"
+    """A master that failed (connect refused, connection lost, deadline) has its slots read
+    from one of its replicas until it answers a probe again. Lookups only, never writes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +88,19 @@ class StoreConfig:
     """How often the slot map is re-read in the background (0: only after redirections and
     failures). A client that sent nothing to a master while it failed over would otherwise
     learn of it from its next batch, which meets the dead master and fails as a whole."""
+    read_from_replicas: ReplicaReads = ReplicaReads.ON_FAILURE
+    """Read the slots of a failed master from its replicas (see `ReplicaReads`); a string of
+    one of its values is accepted too."""
+
+    def __post_init__(self) -> None:
+        try:
+            mode = ReplicaReads(self.read_from_replicas)
+        except ValueError:
+            options = ", ".join(repr(m.value) for m in ReplicaReads)
+            raise UsageError(
+                f"read_from_replicas: {self.read_from_replicas!r} is not one of {options}"
+            ) from None
+        object.__setattr__(self, "read_from_replicas", mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +153,48 @@ class FlowStore(abc.ABC):
         valid record is overwritten with the caller's record, which is then returned.
         """
 
-    @abc.abstractmethod
+    @overload
     async def lookup_many(
-        self, tuples: Sequence[FiveTuple], *, deadline_ms: float | None = None
-    ) -> list[FlowRecord | None]:
-        """GET each flow; None where absent or where the stored bytes are not a valid record."""
+        self,
+        tuples: Sequence[FiveTuple],
+        *,
+        deadline_ms: float | None = None,
+        partial: Literal[False] = False,
+    ) -> list[FlowRecord | None]: ...
+
+    @overload
+    async def lookup_many(
+        self,
+        tuples: Sequence[FiveTuple],
+        *,
+        deadline_ms: float | None = None,
+        partial: Literal[True],
+    ) -> list[LookupResult]: ...
+
+    async def lookup_many(
+        self,
+        tuples: Sequence[FiveTuple],
+        *,
+        deadline_ms: float | None = None,
+        partial: bool = False,
+    ) -> list[Any]:
+        """GET each flow; None where absent or where the stored bytes are not a valid record.
+
+        With `partial`, items the store could not answer are `LOOKUP_FAILED` and
+        `StoreUnavailable` is raised only if no item could be answered; without it, any
+        unanswered item raises `StoreUnavailable` (see the module docstring).
+        """
+        results, why = await self._lookup(tuples, deadline_ms)
+        if why is not None and (not partial or all(r is LOOKUP_FAILED for r in results)):
+            raise StoreUnavailable(why)
+        return results
+
+    @abc.abstractmethod
+    async def _lookup(
+        self, tuples: Sequence[FiveTuple], deadline_ms: float | None
+    ) -> tuple[list[LookupResult], str | None]:
+        """Each item's answer (`LOOKUP_FAILED` where unanswered) and, if any item failed, why
+        (the first reason). Raises `StoreUnavailable` only when it cannot even try."""
 
     @abc.abstractmethod
     async def touch_many(

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from flowstate.errors import RecordError, UsageError
 from flowstate.flow import KEY_PREFIX, FiveTuple
 from flowstate.record import FlowRecord, decode_record
-from flowstate.store.base import FlowStore, PinItem, ScanEntry
+from flowstate.store.base import LOOKUP_FAILED, FlowStore, LookupResult, PinItem, ScanEntry
 
 
 def _monotonic_ms() -> int:
@@ -33,6 +33,9 @@ class MemoryStore(FlowStore):
         self._max = max_entries
         self._clock = clock
         self.evictions = 0
+        self.unreachable: Callable[[FiveTuple], bool] | None = None
+        """Fault injection (tests): lookups of the flows it returns True for fail as if their
+        Redis master were down (`LOOKUP_FAILED`; see `FlowStore.lookup_many`)."""
 
     def __len__(self) -> int:
         return len(self._data)
@@ -76,18 +79,24 @@ class MemoryStore(FlowStore):
             out.append(rec)
         return out
 
-    async def lookup_many(
-        self, tuples: Sequence[FiveTuple], *, deadline_ms: float | None = None
-    ) -> list[FlowRecord | None]:
+    async def _lookup(
+        self, tuples: Sequence[FiveTuple], deadline_ms: float | None
+    ) -> tuple[list[LookupResult], str | None]:
         now = self._clock()
-        out: list[FlowRecord | None] = []
+        out: list[LookupResult] = []
+        unreachable = self.unreachable
+        why = None
         for t in tuples:
+            if unreachable is not None and unreachable(t):
+                out.append(LOOKUP_FAILED)
+                why = "unreachable (fault injected)"
+                continue
             raw = self._get(t.key(), now)
             try:
                 out.append(None if raw is None else decode_record(raw))
             except RecordError:
                 out.append(None)
-        return out
+        return out, why
 
     async def touch_many(
         self, items: Sequence[tuple[FiveTuple, int]], *, deadline_ms: float | None = None

@@ -11,10 +11,12 @@ Two paths share one set of semantics:
   pipeline. Tests check that both answer alike; it is also the fallback of the fast path.
 
 Every call is bounded by its deadline: a timeout, refused connection, reset or cluster down
-raises `StoreUnavailable`. A connection whose reply stream could be out of sync, or that
-has stalled, is aborted and re-dialled lazily (a caller that merely timed out leaves it in
-sync: see `_cluster_client`); dialling a node that just failed backs off, so a down cluster fails
-fast instead of every call waiting for a connect.
+raises `StoreUnavailable`; lookups answer master by master instead (`LOOKUP_FAILED` for the
+items of a master that failed, read from one of its replicas when `read_from_replicas` allows:
+see `_cluster_client` and `FlowStore.lookup_many`). A connection whose reply stream could be
+out of sync, or that has stalled, is aborted and re-dialled lazily (a caller that merely timed
+out leaves it in sync: see `_cluster_client`); dialling a node that just failed backs off, so a
+down cluster fails fast instead of every call waiting for a connect.
 """
 
 from __future__ import annotations
@@ -33,7 +35,15 @@ from flowstate.record import FlowRecord
 from flowstate.store._cluster_client import ClusterClient
 from flowstate.store._codec import decode_fast, encode_records, keys_of
 from flowstate.store._resp import pack_command
-from flowstate.store.base import FlowStore, PinItem, ScanEntry, StoreConfig, TlsSettings
+from flowstate.store.base import (
+    LOOKUP_FAILED,
+    FlowStore,
+    LookupResult,
+    PinItem,
+    ScanEntry,
+    StoreConfig,
+    TlsSettings,
+)
 
 _KEY_LEN = len(KEY_PREFIX) + 16
 _GET_HEAD = b"*2\r\n$3\r\nGET\r\n$%d\r\n" % _KEY_LEN
@@ -204,9 +214,9 @@ class RedisClusterStore(ClusterClient, FlowStore):
             if r is not True and r != b"OK":
                 raise self._unexpected(r)
 
-    async def lookup_many(
-        self, tuples: Sequence[FiveTuple], *, deadline_ms: float | None = None
-    ) -> list[FlowRecord | None]:
+    async def _lookup(
+        self, tuples: Sequence[FiveTuple], deadline_ms: float | None
+    ) -> tuple[list[LookupResult], str | None]:
         deadline_at = self._deadline(deadline_ms, self.config.lookup_deadline_ms)
         keys = keys_of(tuples)
 
@@ -216,8 +226,8 @@ class RedisClusterStore(ClusterClient, FlowStore):
         def ref(pipe: Any, i: int) -> None:
             pipe.get(keys[i])
 
-        replies = await self._exec(keys, 1, build, ref, deadline_at)
-        out: list[FlowRecord | None] = []
+        replies, why = await self._exec_read(keys, build, ref, deadline_at)
+        out: list[LookupResult] = []
         append = out.append
         decode = decode_fast
         for r in replies:
@@ -229,12 +239,16 @@ class RedisClusterStore(ClusterClient, FlowStore):
                 except RecordError:
                     self.counters["bad_records"] += 1
                     append(None)
+            elif r is LOOKUP_FAILED:
+                append(r)
             elif isinstance(r, Exception) and str(r).startswith("WRONGTYPE"):
                 self.counters["bad_records"] += 1
                 append(None)
-            else:
-                raise self._unexpected(r)
-        return out
+            else:  # e.g. LOADING, MASTERDOWN (a replica): this item is unanswered
+                self.counters["failed_items"] += 1
+                why = why or str(self._unexpected(r))
+                append(LOOKUP_FAILED)
+        return out, why
 
     async def touch_many(
         self, items: Sequence[tuple[FiveTuple, int]], *, deadline_ms: float | None = None
@@ -354,7 +368,9 @@ class RedisClusterStore(ClusterClient, FlowStore):
             return
         self._closed = True
         self._stop_wheel()
-        tasks: list[asyncio.Task[Any]] = [n.dial for n in self._pool.values() if n.dial]
+        nodes = self._nodes()
+        tasks: list[asyncio.Task[Any]] = [n.dial for n in nodes if n.dial]
+        tasks += [n.probe for n in nodes if n.probe]
         if self._refresh_task is not None:
             tasks.append(self._refresh_task)
         if self._watch is not None:
@@ -363,7 +379,7 @@ class RedisClusterStore(ClusterClient, FlowStore):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(
-            *(n.conn.aclose() for n in self._pool.values() if n.conn is not None),
+            *(n.conn.aclose() for n in nodes if n.conn is not None),
             return_exceptions=True,
         )
         await self._rc.aclose()
