@@ -571,7 +571,7 @@ class ClusterClient:
         for g, exc in failed:
             idxs, master, target = g
             if target is master:
-                if on_failure:
+                if on_failure and master.replicas:
                     self._master_failed(master)
                     replica = self._replica_of(master)
                     if replica is not None and self._loop.time() < deadline_at:
@@ -622,8 +622,8 @@ class ClusterClient:
         return best
 
     def _master_failed(self, node: _Node) -> None:
-        """Reads bypass `node` from now on (to a replica, dialled now) until a probe finds it
-        answering again."""
+        """Reads bypass `node` (a master with replicas) from now on, to a replica dialled now,
+        until a probe finds it answering again."""
         if not node.failed:
             node.failed = True
             self.counters["masters_failed"] += 1

@@ -26,7 +26,7 @@ from flowstate.flow import CLUSTER_SLOTS, FiveTuple, Proto, key_slot
 from flowstate.record import FlowRecord, decode_record
 from flowstate.store._codec import decode_fast, encode_record, group_by_node, keys_of
 from flowstate.store._resp import RespConnection, pack_command
-from flowstate.store.base import StoreConfig
+from flowstate.store.base import ReplicaReads, StoreConfig
 from flowstate.store.redis_cluster import RedisClusterStore
 
 SLACK_S = 0.2
@@ -642,8 +642,16 @@ async def _until_ok(store: RedisClusterStore, ts: list[FiveTuple], timeout: floa
 
 
 async def test_deadline_on_a_stalled_master(redis_cluster: Any) -> None:
+    # Replica reads off: the stalled master's keys must fail, not be read from its replica
+    # (that is tested in test_store_partial.py).
+    off = StoreConfig(
+        lookup_deadline_ms=3000,
+        write_deadline_ms=3000,
+        connect_timeout_ms=3000,
+        read_from_replicas=ReplicaReads.OFF,
+    )
     s = await RedisClusterStore.connect(
-        redis_cluster.seeds, password=redis_cluster.password or None, config=CONFIG
+        redis_cluster.seeds, password=redis_cluster.password or None, config=off
     )
     try:
         ts, recs = tuples(64), records(64)
