@@ -149,6 +149,24 @@ def become_user(config: ForwarderConfig, config_path: str | None) -> bool:
     return True
 
 
+def _can_become_user(config: ForwarderConfig) -> bool:
+    """The supervisor's checks before it starts workers that would switch to `user`: whether
+    they can, and the control socket's directory given to it (so that the first problem is
+    reported once, at start)."""
+    from forwarder import privileges
+
+    assert config.user is not None
+    try:
+        identity = privileges.resolve(config.user, config.group)
+        privileges.check_can_switch(identity)
+        if os.geteuid() == 0:
+            privileges.give_socket_directory(config.control.socket, identity)
+    except (LookupError, OSError) as exc:
+        print(f"flowstate-forwarder: cannot run as user {config.user}: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def supervise(args: argparse.Namespace, config: ForwarderConfig) -> int:
     """Start `workers` processes sharing each interface through PACKET_FANOUT; restart crashed
     ones; stop them all on SIGINT/SIGTERM; pass SIGHUP (reload) on to each.
@@ -293,6 +311,8 @@ def _run(args: argparse.Namespace, config: ForwarderConfig) -> int:
         busy = socket_in_use(config.control.socket)
         if busy:
             print(f"flowstate-forwarder: {busy}", file=sys.stderr)
+            return 1
+        if config.user is not None and not _can_become_user(config):
             return 1
         return supervise(args, config)
     return run_worker(config, args.fanout_group, args.worker or 0, args.config, args.heartbeat_fd)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 #: Capabilities a worker keeps (linux/capability.h): its packet sockets (CAP_NET_RAW), their
 #: forced buffer sizes and the neighbour probes (CAP_NET_ADMIN).
 CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
-CAP_SETPCAP = 8
+CAP_SETGID, CAP_SETUID, CAP_SETPCAP = 6, 7, 8
 WORKER_CAPABILITIES = (CAP_NET_ADMIN, CAP_NET_RAW)
 _PR_SET_KEEPCAPS, _PR_CAPBSET_READ, _PR_CAPBSET_DROP = 8, 23, 24
 _PR_SET_NO_NEW_PRIVS, _PR_GET_NO_NEW_PRIVS = 38, 39
@@ -154,7 +154,7 @@ def resolve(user: str, group: str | None = None) -> Identity:
     return Identity(user, entry.pw_uid, gid, groups)
 
 
-def _is(identity: Identity) -> bool:
+def runs_as(identity: Identity) -> bool:
     """Whether this process already runs as `identity` (real, effective and saved ids)."""
     return (
         set(os.getresuid()) == {identity.uid}
@@ -163,12 +163,26 @@ def _is(identity: Identity) -> bool:
     )
 
 
+def check_can_switch(identity: Identity) -> None:
+    """OSError unless this process runs as `identity` or may become it (CAP_SETUID and
+    CAP_SETGID effective): said at start, not by every worker failing in turn."""
+    if runs_as(identity):
+        return
+    effective = capabilities()[0]
+    if not (effective >> CAP_SETUID & 1 and effective >> CAP_SETGID & 1):
+        raise OSError(
+            errno.EPERM,
+            f"becoming {identity.user} needs CAP_SETUID and CAP_SETGID, this process runs as "
+            f"uid {os.geteuid()} without them (under systemd: User= in the unit instead)",
+        )
+
+
 def switch_user(identity: Identity, keep: Sequence[int] = WORKER_CAPABILITIES) -> int:
     """Become `identity` for good (real, effective and saved ids; supplementary groups), keep
     `keep` effective and permitted and nothing else (bounding set included), and set
     PR_SET_NO_NEW_PRIVS. Already that user (systemd's ``User=``): only the capabilities change.
     Returns the mask kept; OSError if any step is refused or `keep` is not all there after."""
-    if not _is(identity):
+    if not runs_as(identity):
         # Keep the permitted set across the change of uid (the kernel would clear it), so
         # that the capabilities we keep can be made effective again below.
         _prctl(_PR_SET_KEEPCAPS, 1, "PR_SET_KEEPCAPS")
@@ -180,7 +194,7 @@ def switch_user(identity: Identity, keep: Sequence[int] = WORKER_CAPABILITIES) -
     _prctl(_PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
     # Trust, but verify: the ids, the capabilities, and that root is out of reach.
     effective, permitted, inheritable = capabilities()
-    if not _is(identity):
+    if not runs_as(identity):
         raise OSError(errno.EPERM, f"still uid {os.getresuid()} gid {os.getresgid()}")
     if (effective, permitted, inheritable) != (mask(keep), mask(keep), 0):
         raise OSError(
