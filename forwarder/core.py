@@ -43,9 +43,28 @@ class EngineLike(Protocol):
     def maglev_pick(self, vip_id: int, hash64: int) -> int: ...
 
 
+_PROTOS = {int(p): p for p in Proto}
+#: FiveTuple's slot descriptors: setting through them skips the frozen dataclass `__init__`
+#: (~1 us of the ~2 us `FiveTuple(Proto(...), ...)` costs; one per pinned or looked-up flow).
+_FT_SLOTS: dict[str, Any] = dict(vars(FiveTuple))
+_ft_proto, _ft_cip, _ft_cport, _ft_vip, _ft_vport = (
+    _FT_SLOTS[n].__set__ for n in ("proto", "client_ip", "client_port", "vip_ip", "vip_port")
+)
+_ft_new = object.__new__
+
+
 def to_tuple(flow: FlowT) -> FiveTuple:
-    """Engine flow → store key type."""
-    return FiveTuple(Proto(flow[0]), flow[1], flow[2], flow[3], flow[4])
+    """Engine flow → store key type (equal to `FiveTuple(Proto(flow[0]), *flow[1:])`)."""
+    proto = _PROTOS.get(flow[0])
+    if proto is None:
+        return FiveTuple(Proto(flow[0]), flow[1], flow[2], flow[3], flow[4])  # raises
+    t: FiveTuple = _ft_new(FiveTuple)
+    _ft_proto(t, proto)
+    _ft_cip(t, flow[1])
+    _ft_cport(t, flow[2])
+    _ft_vip(t, flow[3])
+    _ft_vport(t, flow[4])
+    return t
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +88,14 @@ class CoreConfig:
     writeback_max: int = 100_000
     """Most pinnings kept for writing back after a store outage; oldest dropped beyond."""
     write_retry_ms: int = 500
-    """After a failed write batch, how long writes wait before the next attempt."""
+    """Longest wait before the pins of a failed write batch are written again."""
+    write_retry_min_ms: int = 10
+    """First wait after a failed write batch; doubles with each failure in a row up to
+    `write_retry_ms`. Only the failed pins (and other write-backs) wait; new pins go on."""
     lookup_patience_ms: int = 100
     """A failed lookup is retried while the flow's first queued packet is younger than this."""
     fallback: bool = True
     """When the store cannot answer in time: Maglev decides (True) or queued packets drop."""
-    """After a failed write batch, how long writes wait before the next attempt."""
 
 
 @dataclass(slots=True)
@@ -123,7 +144,10 @@ class ForwardingCore:
         self._releases: OrderedDict[FlowT, None] = OrderedDict()
         self._tokens = float(config.max_writes_per_s)
         self._tokens_at = 0
-        self._writes_paused_until = 0
+        # Write-backs (failed pins among them) wait until then; the wait doubles with each
+        # failed write batch in a row, and a batch that succeeds ends the series.
+        self._writeback_at = 0
+        self._write_failures = 0
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "misses",
@@ -222,20 +246,22 @@ class ForwardingCore:
         """Whether `take_store_work` would return something now."""
         if len(self._queued) > len(self._in_flight):
             return True
-        if not writes or now_ms < self._writes_paused_until:
+        if not writes:
             return False
         self._refill(now_ms)
         if self._tokens < 1:
             return False
-        return bool(self._pins or self._writeback or self._touches or self._releases)
+        if self._writeback and now_ms >= self._writeback_at:
+            return True
+        return bool(self._pins or self._touches or self._releases)
 
     # ---- store work ----------------------------------------------------------------------
 
     def take_store_work(
         self, now_ms: int, wall_ms: int | None = None, *, writes: bool = True
     ) -> StoreWork:
-        """Next round of store calls: lookups of queued flows, and (if `writes`, unless paused
-        after a failure) writes under the cap."""
+        """Next round of store calls: lookups of queued flows, and (if `writes`) writes under
+        the cap; write-backs only once the wait after a failed write batch has passed."""
         work = StoreWork()
         limit = self.config.max_batch
         for flow in self._queued:
@@ -245,22 +271,31 @@ class ForwardingCore:
                 work.lookups.append(flow)
                 self._in_flight.add(flow)
         self.counters["lookups"] += len(work.lookups)
-        if not writes or now_ms < self._writes_paused_until:
+        if not writes:
             return work
 
         self._refill(now_ms)
         created = int(time.time() * 1000) if wall_ms is None else wall_ms
         ttl = self.config.store_ttl_ms
-        for source in (self._pins, self._writeback):
+        # One record per (backend, VIP) in a round: they differ in nothing else, and the store
+        # encodes a record object once per call (`pin_many`).
+        records: dict[tuple[int, bytes], FlowRecord] = {}
+        pop = self.config.pop
+        sources = [self._pins]
+        if now_ms >= self._writeback_at:
+            sources.append(self._writeback)
+        for source in sources:
             while source and len(work.pins) < limit and self._tokens >= 1:
                 flow, backend_id = source.popitem(last=False)
                 overwrite = source is self._writeback and flow in self._overwrite
                 if overwrite:
                     self._overwrite.discard(flow)
-                backend = self._backend_ips.get(backend_id)
-                if backend is None:
-                    continue
-                rec = FlowRecord(backend, flow[3], created, self.config.pop)
+                rec = records.get((backend_id, flow[3]))
+                if rec is None:
+                    backend = self._backend_ips.get(backend_id)
+                    if backend is None:
+                        continue
+                    rec = records[backend_id, flow[3]] = FlowRecord(backend, flow[3], created, pop)
                 work.pins.append((flow, rec, ttl))
                 if source is self._writeback:
                     work.writebacks.add(flow)
@@ -383,9 +418,17 @@ class ForwardingCore:
             self.counters["writeback_dropped"] += 1
 
     def on_pins(self, work: StoreWork, stored: Sequence[FlowRecord] | None, now_ms: int) -> None:
-        """Adopt records that won the NX race; keep failed pins for write-back."""
+        """Adopt records that won the NX race; keep failed pins for write-back.
+
+        A failed batch does not stop other writes: its pins are written back (NX conflicts
+        keep ours: their packets went to ours meanwhile) after a wait that doubles with each
+        failed batch in a row, from `write_retry_min_ms` up to `write_retry_ms`.
+        """
         if stored is None:
-            self._writes_paused_until = now_ms + self.config.write_retry_ms
+            cfg = self.config
+            wait = min(cfg.write_retry_ms, cfg.write_retry_min_ms << min(self._write_failures, 16))
+            self._write_failures += 1
+            self._writeback_at = max(self._writeback_at, now_ms + wait)
             self.counters["pin_failed"] += len(work.pins)
             for flow, rec, _ttl in work.pins:
                 bid = self._backend_ids.get(rec.backend_ip)
@@ -394,6 +437,7 @@ class ForwardingCore:
                     if flow in work.overwrites:
                         self._overwrite.add(flow)
             return
+        self._write_failures = 0
         for (flow, ours, _ttl), theirs in zip(work.pins, stored, strict=True):
             if theirs.backend_ip == ours.backend_ip:
                 continue

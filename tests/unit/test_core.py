@@ -275,3 +275,70 @@ async def test_pin_conflict_with_a_dead_backend_overwrites(impl: str) -> None:
     pop.on_pins(work, await store.pin_many([(to_tuple(f), r, t) for f, r, t in work.pins]), NOW)
     (rec,) = await store.lookup_many([to_tuple(udp)])
     assert rec is not None and rec.backend_ip == BACKENDS[ours]
+
+async def test_failed_pin_batch_is_retried_with_backoff_while_new_pins_go_on(impl: str) -> None:
+    """A failed write batch holds back only its own pins (written back after a wait that
+    doubles with each failure in a row); pins of new flows are written meanwhile, and no pin
+    of the failed batches is lost."""
+    store = MemoryStore()
+    pop = make_pop(impl, "pop1", BACKENDS[:3], write_retry_min_ms=10, write_retry_ms=35)
+    feed(pop, [tcp_frame(port, P.TCP_SYN) for port in range(41000, 41004)])
+    first = pop.take_store_work(NOW)
+    assert {f for f, _r, _t in first.pins} == {flow(p) for p in range(41000, 41004)}
+    pop.on_pins(first, None, NOW)  # the store failed this batch
+    assert pop.counters["pin_failed"] == 4
+
+    # New flows are pinned at once; the failed batch waits its 10 ms.
+    feed(pop, [tcp_frame(41010, P.TCP_SYN)], NOW + 1)
+    work = pop.take_store_work(NOW + 1)
+    assert [f for f, _r, _t in work.pins] == [flow(41010)] and not work.writebacks
+    pop.on_pins(work, None, NOW + 1)  # fails too: the next wait is 20 ms
+    assert not pop.has_work(NOW + 5) and not pop.take_store_work(NOW + 5).pins
+    # At NOW + 10 the first failure's wait is over, but the second one's (20 ms) is not.
+    assert not pop.take_store_work(NOW + 20).pins
+    retry = pop.take_store_work(NOW + 21)
+    assert retry.writebacks == {flow(p) for p in (41000, 41001, 41002, 41003, 41010)}
+    pop.on_pins(retry, None, NOW + 21)  # third failure in a row: 40 ms, capped at 35
+    assert not pop.take_store_work(NOW + 55).pins
+    retry = pop.take_store_work(NOW + 56)
+    assert len(retry.pins) == 5
+    pop.on_pins(retry, await store.pin_many([(to_tuple(f), r, t) for f, r, t in retry.pins]), NOW)
+    for port in (41000, 41001, 41002, 41003, 41010):
+        (rec,) = await store.lookup_many([to_tuple(flow(port))])
+        entry = pop.engine.lookup(flow(port))
+        assert rec is not None and entry is not None and rec.backend_ip == BACKENDS[entry[0]]
+    # The success ended the series: the next failure waits the first 10 ms again.
+    feed(pop, [tcp_frame(41020, P.TCP_SYN)], NOW + 60)
+    work = pop.take_store_work(NOW + 60)
+    pop.on_pins(work, None, NOW + 60)
+    assert not pop.take_store_work(NOW + 69).pins
+    assert pop.take_store_work(NOW + 70).writebacks == {flow(41020)}
+
+
+async def test_pins_of_a_round_share_one_record_per_backend(impl: str) -> None:
+    """The records of a round are one object per (backend, VIP), so that the store encodes
+    each once; every pin still names its flow's backend."""
+    store = MemoryStore()
+    pop = make_pop(impl, "pop1", BACKENDS[:3])
+    feed(pop, [tcp_frame(port, P.TCP_SYN) for port in range(42000, 42064)])
+    work = pop.take_store_work(NOW, wall_ms=1_700_000_000_000)
+    assert len(work.pins) == 64
+    records = {id(r) for _f, r, _t in work.pins}
+    backends = {r.backend_ip for _f, r, _t in work.pins}
+    assert len(records) == len(backends) > 1
+    for f, r, _t in work.pins:
+        entry = pop.engine.lookup(f)
+        assert entry is not None and r.backend_ip == BACKENDS[entry[0]]
+        assert r == FlowRecord(BACKENDS[entry[0]], VIP, 1_700_000_000_000, "pop1")
+    pop.on_pins(work, await store.pin_many([(to_tuple(f), r, t) for f, r, t in work.pins]), NOW)
+    assert pop.counters["pins_adopted"] == 0
+
+
+def test_to_tuple_equals_the_reference() -> None:
+    for f in [flow(1), (17, CLIENT, 65535, VIP, 53), (6, BACKENDS[0], 0, BACKENDS[1], 443)]:
+        t = to_tuple(f)
+        assert t == FiveTuple(Proto(f[0]), f[1], f[2], f[3], f[4])
+        assert type(t.proto) is Proto and t.key() == FiveTuple.make(*f).key()
+    with pytest.raises(ValueError):
+        to_tuple((99, CLIENT, 0, VIP, 0))
+
