@@ -33,7 +33,7 @@ from flowstate.errors import RecordError, StoreUnavailable, UsageError
 from flowstate.flow import KEY_PREFIX, FiveTuple
 from flowstate.record import FlowRecord
 from flowstate.store._cluster_client import ClusterClient
-from flowstate.store._codec import decode_fast, encode_records, keys_of
+from flowstate.store._codec import decode_fast, encode_record, keys_of
 from flowstate.store._resp import pack_command
 from flowstate.store.base import (
     LOOKUP_FAILED,
@@ -48,7 +48,9 @@ from flowstate.store.base import (
 _KEY_LEN = len(KEY_PREFIX) + 16
 _GET_HEAD = b"*2\r\n$3\r\nGET\r\n$%d\r\n" % _KEY_LEN
 _GET_SEP = b"\r\n" + _GET_HEAD
-_SETNX_FMT = b"*7\r\n$3\r\nSET\r\n$%d\r\n%%b\r\n$%%d\r\n%%b%%b" % _KEY_LEN
+_SETNX_HEAD = b"*7\r\n$3\r\nSET\r\n$%d\r\n" % _KEY_LEN
+#: After the key: value length, value, then `_ttl_arg` (NX PX ttl GET).
+_SETNX_TAIL = b"\r\n$%d\r\n%b\r\n$2\r\nNX\r\n$2\r\nPX%b$3\r\nGET\r\n"
 _SET_FMT = b"*5\r\n$3\r\nSET\r\n$%d\r\n%%b\r\n$%%d\r\n%%b%%b" % _KEY_LEN
 _PEXPIRE_FMT = b"*3\r\n$7\r\nPEXPIRE\r\n$%d\r\n%%b%%b" % _KEY_LEN
 _RELEASE_FMT = b"*4\r\n$7\r\nPEXPIRE\r\n$%d\r\n%%b%%b*2\r\n$6\r\nEXISTS\r\n$%d\r\n%%b\r\n" % (
@@ -149,18 +151,24 @@ class RedisClusterStore(ClusterClient, FlowStore):
     ) -> list[FlowRecord]:
         deadline_at = self._deadline(deadline_ms, self.config.write_deadline_ms)
         keys = keys_of([t for t, _, _ in items])
-        vals = encode_records([rec for _, rec, _ in items])
         ttls = [ttl for _, _, ttl in items]
         if set(map(type, ttls)) - {int}:
             for ttl in ttls:
                 _ms(ttl)  # raises UsageError on the first TTL that is not an int
-        tails = {
-            ttl: b"\r\n$2\r\nNX\r\n$2\r\nPX%b$3\r\nGET\r\n" % _ttl_arg(ttl) for ttl in set(ttls)
-        }
-        fmt = _SETNX_FMT
-        cmds = [
-            fmt % (k, len(v), v, tails[ttl]) for k, v, ttl in zip(keys, vals, ttls, strict=True)
-        ]
+        # A batch's records are mostly a few shared objects (the forwarder makes one per
+        # backend and VIP per round): each distinct (record, TTL) is encoded once, with the
+        # rest of its command after the key.
+        tails: dict[tuple[int, int], tuple[bytes, bytes]] = {}
+        vals: list[bytes] = []
+        cmds: list[bytes] = []
+        head = _SETNX_HEAD
+        for k, (_, rec, ttl) in zip(keys, items, strict=True):
+            vt = tails.get((id(rec), ttl))
+            if vt is None:
+                v = encode_record(rec)
+                vt = tails[id(rec), ttl] = (v, _SETNX_TAIL % (len(v), v, _ttl_arg(ttl)))
+            vals.append(vt[0])
+            cmds.append(head + k + vt[1])
 
         def build(idxs: list[int]) -> bytes:
             return b"".join([cmds[i] for i in idxs])
