@@ -106,7 +106,7 @@ done:
 static PyObject *flow_tuple(const void *key_bytes) {
     fp_key k;
     memcpy(&k, key_bytes, sizeof(k));
-    Py_ssize_t alen = k.family == 4 ? 4 : 16;
+    Py_ssize_t alen = (k.family & 0x0F) == 4 ? 4 : 16; /* a slot's high nibble: state */
     return Py_BuildValue("(iy#iy#i)", (int)k.proto, (const char *)k.client_ip, alen,
                          (int)k.client_port, (const char *)k.vip_ip, alen, (int)k.vip_port);
 }
@@ -243,17 +243,15 @@ static int table_stage(fp_engine *E, fp_pkt *p, uint64_t now, PyObject *events, 
     int flow_start = !is_tcp || (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
     uint32_t idle = is_tcp ? E->tcp_idle_ms : E->udp_idle_ms;
     if (s != NULL && !(flow_start && s->state == ST_CLOSING)) {
-        s->last_seen32 = (uint32_t)now;
+        fp_slot_seen(s, now);
         if (s->state == ST_ESTABLISHED) {
             if (is_tcp && (p->tcp_flags & (TCP_FIN | TCP_RST))) {
-                s->state = ST_CLOSING;
-                s->expires_ms = now + E->fin_linger_ms;
+                fp_slot_close(s, now, E->fin_linger_ms);
                 if (append_event(events, EV_CLOSE, s, s->backend_id) < 0)
                     return -1;
             } else {
                 s->expires_ms = now + idle;
-                if (now >= s->touch_due_ms) {
-                    s->touch_due_ms = now + E->touch_interval_ms;
+                if (fp_slot_touch(s, now, E->touch_interval_ms)) {
                     if (append_event(events, EV_TOUCH, s, s->backend_id) < 0)
                         return -1;
                 }
@@ -306,11 +304,8 @@ int fp_engine_batch(FpEngineObject *self, const fp_frame *frames, size_t n, uint
             q->status = frames[ahead].status;
             int pv = fp_classify(E, q);
             parsed[ahead % FP_LOOKAHEAD] = pv;
-            if (pv == V_OURS) {
-                const fp_slot *b = fp_bucket(E, q->hash64);
-                __builtin_prefetch(b, 1, 3);
-                __builtin_prefetch(b + 1, 1, 3);
-            }
+            if (pv == V_OURS)
+                fp_table_prefetch(E, q->hash64);
         }
         fp_pkt *p = &window[i % FP_LOOKAHEAD];
         int v = parsed[i % FP_LOOKAHEAD];
@@ -945,12 +940,8 @@ static PyObject *engine_lookup(FpEngineObject *self, PyObject *flow_o) {
     if (check_ready(self) < 0 || flow_arg(flow_o, &k) < 0)
         return NULL;
     const fp_engine *E = &self->e;
-    const fp_slot *b = fp_bucket(E, fp_key_hash(&k)), *best = NULL;
     /* No clock here: the entry is reported even if it has expired but was not swept yet. */
-    for (int i = 0; i < FP_BUCKET_SLOTS; i++) {
-        if (fp_key_eq(&b[i], &k) && (best == NULL || b[i].expires_ms > best->expires_ms))
-            best = &b[i];
-    }
+    const fp_slot *best = fp_table_find(E, &k, fp_key_hash(&k));
     if (best == NULL)
         Py_RETURN_NONE;
     return Py_BuildValue("(iiK)", (int)best->backend_id, (int)best->state,

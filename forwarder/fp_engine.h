@@ -69,33 +69,38 @@ enum { ST_ESTABLISHED = 1, ST_CLOSING = 2 };
 #define FP_STATUS_CSUMNOTREADY 0x8u
 
 /* ---- flow table ----------------------------------------------------------------------------
- * One slot is exactly one cache line. The key (first 6 bytes + both addresses) is compared as
- * five 64-bit words. last_seen keeps only the low 32 bits of now_ms: it is used solely to order
- * the live slots of one bucket for LRU eviction, and every live slot was seen less than
- * max(idle, linger) <= FP_MAX_TIMEOUT_MS ago, so the wrapped age `now32 - last_seen32` orders
- * them exactly as the full 64-bit values would.
+ * A slot is 52 bytes (DATAPATH.md "Flow table", slot layout): the key (first 6 bytes + both
+ * addresses, compared as five 64-bit words with the state bits masked out), backend_id, one
+ * 32-bit time and the 64-bit expires_ms. last_seen is not stored for an ESTABLISHED slot: every
+ * write of one sets expires = last_seen + idle(proto), so last_seen = expires - idle. `aux32`
+ * holds the low 32 bits of touch_due_ms (ESTABLISHED; CLOSING never touches) or of last_seen
+ * (CLOSING; its expires is fixed at close + linger). Both are compared as signed 32-bit
+ * differences to now: every live slot's touch_due/last_seen is within max(idle, linger,
+ * touch_interval) <= FP_MAX_TIMEOUT_MS of now, so the wrapped differences are exact.
  */
-typedef struct fp_slot {
+typedef struct __attribute__((packed, aligned(4))) fp_slot {
     uint16_t client_port; /* host order */
     uint16_t vip_port;
-    uint8_t proto;  /* 6 or 17 */
-    uint8_t family; /* 0 = empty slot, 4 or 6 */
-    uint8_t state;  /* ST_ESTABLISHED or ST_CLOSING */
-    uint8_t reserved0;
+    uint8_t proto; /* 6 or 17 */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    uint8_t family : 4; /* 0 = empty slot, 4 or 6 (low nibble either way) */
+    uint8_t state : 4;  /* ST_ESTABLISHED or ST_CLOSING */
+#else
+    uint8_t state : 4;
+    uint8_t family : 4;
+#endif
+    uint16_t backend_id;
     uint8_t client_ip[16]; /* IPv4: 4 bytes then zeros */
     uint8_t vip_ip[16];
-    uint16_t backend_id;
-    uint16_t reserved1;
-    uint32_t last_seen32;
-    uint64_t expires_ms;
-    uint64_t touch_due_ms;
+    uint32_t aux32;      /* touch_due (ESTABLISHED) or last_seen (CLOSING), low 32 bits */
+    uint64_t expires_ms; /* unaligned (offset 44): read as a packed member */
 } fp_slot;
 
-_Static_assert(sizeof(fp_slot) == 64, "a flow table slot must be exactly one 64-byte cache line");
+_Static_assert(sizeof(fp_slot) == 52, "a flow table slot is 52 bytes (DATAPATH.md)");
 _Static_assert(offsetof(fp_slot, client_ip) == 8, "key word 0 is the first 8 bytes");
-_Static_assert(offsetof(fp_slot, backend_id) == 40, "key is the first 40 bytes");
+_Static_assert(offsetof(fp_slot, aux32) == 40, "key and backend_id are the first 40 bytes");
 
-/* A lookup key laid out like the first 40 bytes of a slot (state/reserved0 zero). */
+/* A lookup key laid out like the first 40 bytes of a slot (state bits and backend_id zero). */
 typedef struct fp_key {
     uint16_t client_port;
     uint16_t vip_port;

@@ -1,8 +1,11 @@
-/* The flow table: fixed memory, buckets of 8 one-cache-line slots, TTL + LRU-in-bucket eviction.
+/* The flow table: fixed memory, 52-byte slots in buckets of 8, two candidate buckets per flow,
+ * TTL + LRU eviction.
  *
- * DATAPATH.md "Flow table": bucket = hash64 % n_buckets; a slot whose expires_ms <= now is
- * absent; insert takes the first free (empty or expired) slot of the bucket, else evicts the
- * slot seen least recently (ties: lowest index). Lookups compare the whole key.
+ * DATAPATH.md "Flow table": a flow lives in bucket b1 = hash64 % n_buckets or b2 =
+ * fp_mix64(hash64) % n_buckets; a slot whose expires_ms <= now is absent; insert reuses the
+ * slot holding the key, else takes the first free (empty or expired) slot of the candidate
+ * bucket with more free slots (ties: b1), else evicts the slot of both buckets seen least
+ * recently (ties: b1 first, lowest index). Lookups compare the whole key.
  */
 #ifndef FP_TABLE_H
 #define FP_TABLE_H
@@ -10,10 +13,11 @@
 #include "fp_engine.h"
 #include "fp_mmh3.h"
 
+/* Key word 0: ports, proto and the family nibble; not the state nibble nor backend_id. */
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-#define FP_KEY_W0_MASK 0x0000FFFFFFFFFFFFull /* ports, proto, family; not state/reserved */
+#define FP_KEY_W0_MASK 0x00000FFFFFFFFFFFull
 #else
-#define FP_KEY_W0_MASK 0xFFFFFFFFFFFF0000ull
+#define FP_KEY_W0_MASK 0xFFFFFFFFFF0F0000ull
 #endif
 
 static inline void fp_key_set(fp_key *k, uint8_t family, uint8_t proto, const uint8_t *client_ip,
@@ -54,56 +58,111 @@ static inline int fp_key_eq(const fp_slot *s, const fp_key *k) {
     return memcmp((const uint8_t *)s + 8, (const uint8_t *)k + 8, 32) == 0;
 }
 
-static inline fp_slot *fp_bucket(const fp_engine *E, uint64_t hash) {
-    return E->slots + (size_t)(hash % E->n_buckets) * FP_BUCKET_SLOTS;
+/* MurmurHash3's 64-bit finalizer: the second bucket's index comes from it. */
+static inline uint64_t fp_mix64(uint64_t k) {
+    k ^= k >> 33;
+    k *= 0xFF51AFD7ED558CCDull;
+    k ^= k >> 33;
+    k *= 0xC4CEB9FE1A85EC53ull;
+    k ^= k >> 33;
+    return k;
+}
+
+/* The candidate buckets of a flow: b[0] = b1; b[1] = b2, or NULL when b2 == b1. */
+static inline void fp_buckets(const fp_engine *E, uint64_t hash, fp_slot *b[2]) {
+    uint32_t i1 = (uint32_t)(hash % E->n_buckets);
+    uint32_t i2 = (uint32_t)(fp_mix64(hash) % E->n_buckets);
+    b[0] = E->slots + (size_t)i1 * FP_BUCKET_SLOTS;
+    b[1] = i2 == i1 ? NULL : E->slots + (size_t)i2 * FP_BUCKET_SLOTS;
+}
+
+/* Prefetch the first cache lines of both candidate buckets (a hit is most often in b1). */
+static inline void fp_table_prefetch(const fp_engine *E, uint64_t hash) {
+    fp_slot *b[2];
+    fp_buckets(E, hash, b);
+    __builtin_prefetch(b[0], 1, 3);
+    __builtin_prefetch((const uint8_t *)b[0] + 64, 1, 3);
+    if (b[1] != NULL)
+        __builtin_prefetch(b[1], 1, 3);
+}
+
+/* The slot holding `k`, expired or not, or NULL (a key is never in the table twice). */
+static inline fp_slot *fp_table_find(const fp_engine *E, const fp_key *k, uint64_t hash) {
+    fp_slot *b[2];
+    fp_buckets(E, hash, b);
+    for (int j = 0; j < 2 && b[j] != NULL; j++) {
+        for (int i = 0; i < FP_BUCKET_SLOTS; i++) {
+            if (fp_key_eq(&b[j][i], k))
+                return &b[j][i];
+        }
+    }
+    return NULL;
 }
 
 /* The live slot holding `k`, or NULL. */
 static inline fp_slot *fp_table_lookup(const fp_engine *E, const fp_key *k, uint64_t hash,
                                        uint64_t now) {
-    fp_slot *b = fp_bucket(E, hash);
-    for (int i = 0; i < FP_BUCKET_SLOTS; i++) {
-        if (fp_key_eq(&b[i], k) && b[i].expires_ms > now)
-            return &b[i];
-    }
-    return NULL;
+    fp_slot *s = fp_table_find(E, k, hash);
+    return s != NULL && s->expires_ms > now ? s : NULL;
+}
+
+static inline uint32_t fp_idle_ms(const fp_engine *E, uint8_t proto) {
+    return proto == 6 ? E->tcp_idle_ms : E->udp_idle_ms;
+}
+
+/* now - last_seen of a live slot (negative if the caller's clock went back): ESTABLISHED
+ * slots were last seen at expires - idle, CLOSING ones keep it in aux32. */
+static inline int64_t fp_slot_age(const fp_engine *E, const fp_slot *s, uint64_t now) {
+    if (s->state == ST_CLOSING)
+        return (int32_t)((uint32_t)now - s->aux32);
+    return (int64_t)(now - (s->expires_ms - fp_idle_ms(E, s->proto)));
 }
 
 /* A slot to write `k` into (DATAPATH.md clarification 5): the slot already holding `k`
- * (expired or not), else the first empty or expired slot, else the least recently seen one,
- * whose old contents are copied to *evicted with *did_evict = 1. The caller fills the slot. */
+ * (expired or not), else the first free (empty or expired) slot of the candidate bucket with
+ * more free slots (ties: b1), else the least recently seen slot of both buckets (ties: b1
+ * first, then the lowest index), whose old contents are copied to *evicted with
+ * *did_evict = 1. The caller fills the slot. */
 static inline fp_slot *fp_table_claim(fp_engine *E, const fp_key *k, uint64_t hash, uint64_t now,
                                       fp_slot *evicted, int *did_evict) {
-    fp_slot *b = fp_bucket(E, hash);
+    fp_slot *b[2];
+    fp_slot *first_free[2] = {NULL, NULL};
+    int n_free[2] = {0, 0};
     *did_evict = 0;
-    for (int i = 0; i < FP_BUCKET_SLOTS; i++) {
-        if (fp_key_eq(&b[i], k))
-            return &b[i];
+    fp_buckets(E, hash, b);
+    for (int j = 0; j < 2 && b[j] != NULL; j++) {
+        for (int i = 0; i < FP_BUCKET_SLOTS; i++) {
+            fp_slot *s = &b[j][i];
+            if (fp_key_eq(s, k))
+                return s;
+            if (s->family == 0 || s->expires_ms <= now) {
+                if (first_free[j] == NULL)
+                    first_free[j] = s;
+                n_free[j]++;
+            }
+        }
     }
-    for (int i = 0; i < FP_BUCKET_SLOTS; i++) {
-        if (b[i].family == 0) {
+    fp_slot *s = n_free[1] > n_free[0] ? first_free[1] : first_free[0];
+    if (s != NULL) {
+        if (s->family == 0)
             E->n_flows++;
-            return &b[i];
-        }
-        if (b[i].expires_ms <= now)
-            return &b[i];
+        return s;
     }
-    /* Signed 32-bit ages: exact for every live slot (see fp_slot), and a slot stamped "after"
-     * now (a caller whose clock went back) counts as the most recent, as 64-bit values would. */
-    uint32_t now32 = (uint32_t)now;
-    int oldest = 0;
-    int32_t oldest_age = (int32_t)(now32 - b[0].last_seen32);
-    for (int i = 1; i < FP_BUCKET_SLOTS; i++) {
-        int32_t age = (int32_t)(now32 - b[i].last_seen32);
-        if (age > oldest_age) {
-            oldest = i;
-            oldest_age = age;
+    fp_slot *oldest = b[0];
+    int64_t oldest_age = fp_slot_age(E, oldest, now);
+    for (int j = 0; j < 2 && b[j] != NULL; j++) {
+        for (int i = 0; i < FP_BUCKET_SLOTS; i++) {
+            int64_t age = fp_slot_age(E, &b[j][i], now);
+            if (age > oldest_age) {
+                oldest = &b[j][i];
+                oldest_age = age;
+            }
         }
     }
-    *evicted = b[oldest];
+    *evicted = *oldest;
     *did_evict = 1;
     E->evictions++;
-    return &b[oldest];
+    return oldest;
 }
 
 static inline void fp_slot_fill(fp_slot *s, const fp_key *k, uint16_t backend_id, uint64_t now,
@@ -111,10 +170,29 @@ static inline void fp_slot_fill(fp_slot *s, const fp_key *k, uint16_t backend_id
     memcpy(s, k, sizeof(*k));
     s->state = ST_ESTABLISHED;
     s->backend_id = backend_id;
-    s->reserved1 = 0;
-    s->last_seen32 = (uint32_t)now;
+    s->aux32 = (uint32_t)(now + touch_interval_ms);
     s->expires_ms = now + idle_ms;
-    s->touch_due_ms = now + touch_interval_ms;
+}
+
+/* A TCP/UDP hit: last_seen = now (stored only for CLOSING slots, see fp_slot). */
+static inline void fp_slot_seen(fp_slot *s, uint64_t now) {
+    if (s->state == ST_CLOSING)
+        s->aux32 = (uint32_t)now;
+}
+
+/* FIN/RST on an ESTABLISHED slot seen now. */
+static inline void fp_slot_close(fp_slot *s, uint64_t now, uint32_t linger_ms) {
+    s->state = ST_CLOSING;
+    s->expires_ms = now + linger_ms;
+    s->aux32 = (uint32_t)now;
+}
+
+/* An ESTABLISHED slot's touch is due (now >= touch_due); if so, the next one is set. */
+static inline int fp_slot_touch(fp_slot *s, uint64_t now, uint32_t touch_interval_ms) {
+    if ((int32_t)((uint32_t)now - s->aux32) < 0)
+        return 0;
+    s->aux32 = (uint32_t)(now + touch_interval_ms);
+    return 1;
 }
 
 static inline void fp_slot_clear(fp_engine *E, fp_slot *s) {

@@ -54,6 +54,7 @@ _MAX_CAPACITY = 1 << 24
 _MAX_TABLE = 1 << 24
 #: Timeouts fit 31 bits (the C table keeps 32-bit `last_seen` ages exact with that bound).
 _MAX_TIMEOUT_MS = (1 << 31) - 1
+_MASK64 = (1 << 64) - 1
 #: Largest IPv6 answer to a too-big IPv6 packet (RFC 4443 2.4c): 40 + 8 + quote.
 _ICMP6_MAX_QUOTE = IPV6_MIN_MTU - 40 - 8
 
@@ -89,6 +90,16 @@ def flow_hash64(flow: FlowT) -> int:
     # Keywords on purpose: mmh3 5.x ignores a positional `signed` argument.
     h1: int = mmh3.hash64(canonical, seed=HASH_SEED, x64arch=True, signed=False)[0]
     return h1
+
+
+def mix64(k: int) -> int:
+    """MurmurHash3's 64-bit finalizer (`fp_mix64`): a flow's second bucket is `mix64(hash64) %
+    n_buckets`."""
+    k ^= k >> 33
+    k = (k * 0xFF51AFD7ED558CCD) & _MASK64
+    k ^= k >> 33
+    k = (k * 0xC4CEB9FE1A85EC53) & _MASK64
+    return k ^ (k >> 33)
 
 
 def _walk_ext(f: bytes, p: int, end: int, nh: int, check_fragment: bool) -> tuple[int, int, int]:
@@ -378,6 +389,12 @@ class Engine:
             self._keys[slot] = None
         return len(slots)
 
+    def _bucket_bases(self, hash64: int) -> tuple[int, ...]:
+        """First slots of a flow's candidate buckets: b1, then b2 unless it is b1."""
+        b1 = hash64 % self._n_buckets
+        b2 = mix64(hash64) % self._n_buckets
+        return (b1 * BUCKET_SLOTS,) if b2 == b1 else (b1 * BUCKET_SLOTS, b2 * BUCKET_SLOTS)
+
     def _insert(
         self,
         flow: FlowT,
@@ -390,19 +407,26 @@ class Engine:
         keys, expires = self._keys, self._expires
         slot = self._index.get(flow)
         if slot is None:
-            base = (hash64 % self._n_buckets) * BUCKET_SLOTS
-            for i in range(base, base + BUCKET_SLOTS):
-                old = keys[i]
-                if old is None:
-                    slot = i
-                    break
-                if expires[i] <= now:
+            # Two candidate buckets; the one with more free (empty or expired) slots takes the
+            # flow (ties: b1), else the least recently seen of both is evicted (ties: b1 first).
+            bases = self._bucket_bases(hash64)
+            free: list[list[int]] = [[], []]
+            for j, base in enumerate(bases):
+                free[j] = [
+                    i
+                    for i in range(base, base + BUCKET_SLOTS)
+                    if keys[i] is None or expires[i] <= now
+                ]
+            chosen = free[1] if len(free[1]) > len(free[0]) else free[0]
+            if chosen:
+                slot = chosen[0]
+                old = keys[slot]
+                if old is not None:
                     del self._index[old]
-                    slot = i
-                    break
             else:
                 last_seen = self._last_seen
-                slot = min(range(base, base + BUCKET_SLOTS), key=last_seen.__getitem__)
+                candidates = [i for base in bases for i in range(base, base + BUCKET_SLOTS)]
+                slot = min(candidates, key=last_seen.__getitem__)
                 victim = keys[slot]
                 assert victim is not None
                 del self._index[victim]

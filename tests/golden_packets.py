@@ -345,21 +345,43 @@ def case(
     return GoldenCase(description, main, tuple(setup), tuple(after), stats)
 
 
-def same_bucket_ports(flow_of: Callable[[int], FlowT], count: int, start: int = 41000) -> list[int]:
-    """Client ports whose flows all hash to one bucket of the golden table."""
-    by_bucket: dict[int, list[int]] = {}
+def _mix64(k: int) -> int:
+    """MurmurHash3's 64-bit finalizer (DATAPATH.md "Flow table": the second bucket)."""
+    mask = (1 << 64) - 1
+    k ^= k >> 33
+    k = (k * 0xFF51AFD7ED558CCD) & mask
+    k ^= k >> 33
+    k = (k * 0xC4CEB9FE1A85EC53) & mask
+    return k ^ (k >> 33)
+
+
+def buckets(flow: FlowT) -> tuple[int, int]:
+    """A flow's candidate buckets (b1, b2) in the golden table."""
+    h = hash64(flow)
+    return h % N_BUCKETS, _mix64(h) % N_BUCKETS
+
+
+def same_bucket_ports(
+    flow_of: Callable[[int], FlowT], count: int, start: int = 41000, *, two: bool = False
+) -> list[int]:
+    """Client ports whose flows have the same candidate buckets: one bucket (b1 == b2: 8 slots
+    of their own), or with `two` one pair b1 != b2 (16 slots)."""
+    by_pair: dict[tuple[int, int], list[int]] = {}
     port = start
     while True:
-        ports = by_bucket.setdefault(hash64(flow_of(port)) % N_BUCKETS, [])
-        ports.append(port)
-        if len(ports) == count:
-            return ports
+        pair = buckets(flow_of(port))
+        if (pair[0] != pair[1]) == two:
+            ports = by_pair.setdefault(pair, [])
+            ports.append(port)
+            if len(ports) == count:
+                return ports
         port += 1
 
 
 def port_in_bucket(flow_of: Callable[[int], FlowT], bucket: int, start: int = 45000) -> int:
+    """A client port whose flow has `bucket` as both candidates."""
     port = start
-    while hash64(flow_of(port)) % N_BUCKETS != bucket:
+    while buckets(flow_of(port)) != (bucket, bucket):
         port += 1
     return port
 
@@ -1377,6 +1399,100 @@ def _table_cases() -> list[GoldenCase]:
             ],
             flows=0,
             expired=3,
+        ),
+        *_two_choice_cases(),
+    ]
+
+
+def _two_choice_cases() -> list[GoldenCase]:
+    """Flows sharing one pair of candidate buckets b1 != b2: 16 slots between them."""
+    ports = same_bucket_ports(flow4, 17, 42000, two=True)
+    flows = [flow4(p) for p in ports]
+    syns = [tcp4(p, S) for p in ports]
+    b1, b2 = buckets(flows[0])
+    late = T0 + TCP_IDLE + 1
+    # Free slots 8/8: b1; then 7/8: b2; then 7/7: b1 ... so flows[2k] in b1, flows[2k+1] in b2.
+    fill = [syn_step(syns[i], flows[i], T0 + i) for i in range(16)]
+    fill_batch = Process(
+        tuple(frame(s) for s in syns[:16]),
+        (Verdict.NEW,) * 16,
+        tx=tuple(encap(pick(fl), s, fl) for fl, s in zip(flows, syns[:16], strict=False)),
+        events=tuple((Event.NEW, fl, pick(fl)) for fl in flows[:16]),
+    )
+    last = flows[16]
+
+    def evicting(victim: FlowT, now: int) -> Process:
+        return Process(
+            (frame(syns[16]),),
+            (Verdict.NEW,),
+            now,
+            tx=(encap(pick(last), syns[16], last),),
+            events=((Event.EVICTED, victim, pick(victim)), (Event.NEW, last, pick(last))),
+        )
+
+    return [
+        case(
+            "two candidate buckets: a flow start takes the one with more free slots (ties: b1)",
+            syn_step(syns[1], flows[1], T0 + 1),
+            fill[0],
+            after=[
+                # expire() visits slots in order: flows[0] is in b1's slot 0, flows[1] in b2's.
+                Call("expire", (late, b2 * 8), [flows[0]] if b1 < b2 else []),
+                Call("expire", (late, 1), [flows[1]]),
+                Call("expire", (late, CAPACITY), [flows[0]] if b1 > b2 else []),
+            ],
+            flows=0,
+            expired=2,
+        ),
+        case(
+            "both candidate buckets full: the least recently seen of the 16 slots is evicted "
+            "(here in b2), and hits find flows in b2",
+            evicting(flows[1], T0 + 30),
+            *fill,
+            fwd_step(tcp4(ports[0]), flows[0], T0 + 20),
+            after=[
+                lookup(flows[1], None),
+                lookup(last, (pick(last), 1, T0 + 30 + TCP_IDLE)),
+                fwd_step(tcp4(ports[15]), flows[15], T0 + 31),
+            ],
+            flows=16,
+            evicted=1,
+        ),
+        case(
+            "both candidate buckets full, every slot seen at once: b1's lowest slot is evicted",
+            evicting(flows[0], T0 + 1),
+            fill_batch,
+            after=[lookup(flows[0], None), lookup(flows[1], (pick(flows[1]), 1, T0 + TCP_IDLE))],
+            flows=16,
+            evicted=1,
+        ),
+        case(
+            "a CLOSING slot's LRU age is its last packet, not its close time minus the idle time",
+            evicting(flows[2], T0 + 30),
+            *fill,
+            fwd_step(
+                tcp4(ports[0], F | A), flows[0], T0 + 20, ((Event.CLOSE, flows[0], pick(flows[0])),)
+            ),
+            fwd_step(tcp4(ports[1]), flows[1], T0 + 21),
+            after=[
+                lookup(flows[0], (pick(flows[0]), 2, T0 + 20 + FIN_LINGER)),
+                lookup(flows[2], None),
+            ],
+            flows=16,
+            evicted=1,
+        ),
+        case(
+            "a CLOSING slot seen again is younger than an ESTABLISHED one seen before",
+            evicting(flows[1], T0 + 30),
+            *fill,
+            fwd_step(
+                tcp4(ports[0], F | A), flows[0], T0 + 2, ((Event.CLOSE, flows[0], pick(flows[0])),)
+            ),
+            fwd_step(tcp4(ports[0]), flows[0], T0 + 25),
+            *[fwd_step(tcp4(ports[i]), flows[i], T0 + 20) for i in range(2, 16)],
+            after=[lookup(flows[0], (pick(flows[0]), 2, T0 + 2 + FIN_LINGER))],
+            flows=16,
+            evicted=1,
         ),
     ]
 
