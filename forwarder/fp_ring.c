@@ -1,9 +1,15 @@
-/* PacketRing: TPACKET_V3 receive ring + batched sendmmsg transmit around the C Engine.
+/* PacketRing: TPACKET_V2 receive ring + batched sendmmsg transmit around the C Engine.
  *
  * run() reads up to max_frames frames straight out of the mmap'ed ring (no copy, no Python
  * object per frame), runs them through the engine in one batch and transmits the output with one
- * sendmmsg: a 54-byte Ethernet + outer IPv6 header from the backend's template, then the inner
- * packet as a second iovec pointing into the ring. Blocks go back to the kernel after the send.
+ * sendmmsg. The 54-byte Ethernet + outer IPv6 header is written in place in front of the inner
+ * packet (PACKET_RESERVE keeps room for it in every slot), so a tunnelled packet is one iovec
+ * into the ring. Frame slots go back to the kernel after the send.
+ *
+ * Why V2 and not V3: a V3 block reaches user space only when it fills or its retire timer
+ * fires, and that timer has a 1 ms floor (tp_retire_blk_tov is in ms): at low rates every
+ * packet waited ~1 ms in the ring. A V2 slot is handed over (and the socket woken) as soon as
+ * the kernel has copied the frame into it.
  */
 #include "fp_engine.h" /* Python.h first: it sets _GNU_SOURCE (sendmmsg) */
 
@@ -33,16 +39,20 @@
 #define FP_MAX_RUN (1 << 16)  /* most frames per run()/send() call */
 #define FP_MMSG_CHUNK 1024    /* UIO_MAXIOV: most messages per sendmmsg */
 #define FP_MAX_TX_SOCKS 32    /* egress interfaces one ring transmits on */
+/* PACKET_RESERVE: the kernel puts a frame's MAC header at least TPACKET2_HDRLEN + this many
+ * bytes into its slot, so the outer header (FP_OUTER_LEN in front of the inner L3 header, of
+ * which the inner Ethernet header covers 14) fits before it without touching the slot header. */
+#define FP_RX_HEADROOM FP_ENCAP_LEN
 
 typedef struct {
-    uint64_t rx_frames, rx_blocks, rx_truncated, rx_outgoing, rx_csum_not_ready,
+    uint64_t rx_frames, rx_reads, rx_truncated, rx_outgoing, rx_csum_not_ready,
         rx_vlan_restored, rx_kernel_drops, rx_kernel_packets;
     uint64_t tx_frames, tx_bytes, tx_errors, tx_no_route, tx_too_big;
 } ring_stats;
 
 typedef struct {
     PyObject_HEAD
-    int fd;   /* receive: AF_PACKET, TPACKET_V3 ring */
+    int fd;   /* receive: AF_PACKET, TPACKET_V2 ring */
     /* transmit: one AF_PACKET socket per egress interface, bound with protocol 0 (it never
      * receives), so messages carry no address for the kernel to copy and check */
     struct {
@@ -57,21 +67,16 @@ typedef struct {
     PyObject *ifname;
     uint8_t *map;
     size_t map_len;
-    uint32_t block_size, block_count;
-    /* reading position: the current block, and inside it the next frame and how many are left */
-    uint32_t cur_block;
-    int blk_open;
-    uint32_t blk_left;
-    uint8_t *blk_next;
+    uint32_t frame_size, frame_count;
+    uint32_t cur; /* reading position: the next frame slot */
     /* per-batch buffers, grown to the largest batch asked for */
     size_t cap;
     fp_frame *frames;
-    struct tpacket3_hdr **tp;
+    struct tpacket2_hdr **tp;
     struct mmsghdr *msgs;
     struct iovec *iovs;
     int *msg_fd;
     uint8_t *hdrs;
-    uint32_t *release;
     uint8_t *vlan_buf;
     size_t vlan_cap;
     uint8_t *replies; /* FP_ICMP_BUDGET answers */
@@ -137,7 +142,6 @@ static void ring_release_resources(FpRingObject *r) {
     PyMem_RawFree(r->iovs);
     PyMem_RawFree(r->msg_fd);
     PyMem_RawFree(r->hdrs);
-    PyMem_RawFree(r->release);
     PyMem_RawFree(r->vlan_buf);
     PyMem_RawFree(r->replies);
     r->frames = NULL;
@@ -146,7 +150,6 @@ static void ring_release_resources(FpRingObject *r) {
     r->iovs = NULL;
     r->msg_fd = NULL;
     r->hdrs = NULL;
-    r->release = NULL;
     r->vlan_buf = NULL;
     r->replies = NULL;
     r->cap = 0;
@@ -275,13 +278,14 @@ static int ring_init(FpRingObject *r, PyObject *args, PyObject *kwds) {
         (fsize_o && long_arg(fsize_o, "frame_size", TPACKET_ALIGNMENT, 1L << 30, &frame_size) < 0) ||
         (tov_o && long_arg(tov_o, "block_timeout_ms", 0, 60000, &tov) < 0))
         goto out;
+    /* block_timeout_ms was TPACKET_V3's block retire timeout: checked, no longer used. */
     if (block_size % page != 0 || frame_size % TPACKET_ALIGNMENT != 0 ||
-        frame_size < (long)TPACKET3_HDRLEN || block_size % frame_size != 0 ||
+        frame_size < (long)(TPACKET2_HDRLEN + FP_RX_HEADROOM) || block_size % frame_size != 0 ||
         (unsigned long)block_size * (unsigned long)block_count > (1UL << 34)) {
         PyErr_Format(PyExc_ValueError,
                      "block_size must be a multiple of the page size (%ld) and of frame_size, "
-                     "frame_size a multiple of %d, the ring at most 16 GiB",
-                     page, TPACKET_ALIGNMENT);
+                     "frame_size a multiple of %d and at least %d, the ring at most 16 GiB",
+                     page, TPACKET_ALIGNMENT, (int)(TPACKET2_HDRLEN + FP_RX_HEADROOM));
         goto out;
     }
     if (bpf.len % (Py_ssize_t)sizeof(struct sock_filter) != 0 ||
@@ -316,7 +320,7 @@ static int ring_init(FpRingObject *r, PyObject *args, PyObject *kwds) {
         rc = ring_fail(r, "socket(AF_PACKET)");
         goto out;
     }
-    int one = 1, version = TPACKET_V3;
+    int one = 1, version = TPACKET_V2, reserve = FP_RX_HEADROOM;
     if (setsockopt(r->fd, SOL_PACKET, PACKET_VERSION, &version, sizeof(version)) < 0) {
         rc = ring_fail(r, "PACKET_VERSION");
         goto out;
@@ -339,22 +343,26 @@ static int ring_init(FpRingObject *r, PyObject *args, PyObject *kwds) {
             goto out;
         }
     }
-    struct tpacket_req3 req = {
+    /* Room in front of every frame for the outer IPv6 header (written in place on TX). */
+    if (setsockopt(r->fd, SOL_PACKET, PACKET_RESERVE, &reserve, sizeof(reserve)) < 0) {
+        rc = ring_fail(r, "PACKET_RESERVE");
+        goto out;
+    }
+    /* Blocks only group slots for the kernel's allocation (a slot never straddles one);
+     * block_size being a multiple of frame_size, slot i is at i * frame_size. */
+    struct tpacket_req req = {
         .tp_block_size = (unsigned)block_size,
         .tp_block_nr = (unsigned)block_count,
         .tp_frame_size = (unsigned)frame_size,
         .tp_frame_nr = (unsigned)(block_size / frame_size * block_count),
-        .tp_retire_blk_tov = (unsigned)tov,
-        .tp_sizeof_priv = 0,
-        .tp_feature_req_word = 0,
     };
     if (setsockopt(r->fd, SOL_PACKET, PACKET_RX_RING, &req, sizeof(req)) < 0) {
         rc = ring_fail(r, "PACKET_RX_RING");
         goto out;
     }
     r->map_len = (size_t)block_size * (size_t)block_count;
-    r->block_size = (uint32_t)block_size;
-    r->block_count = (uint32_t)block_count;
+    r->frame_size = (uint32_t)frame_size;
+    r->frame_count = req.tp_frame_nr;
     void *map = mmap(NULL, r->map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, 0);
     if (map == MAP_FAILED) {
         r->map = NULL;
@@ -362,11 +370,9 @@ static int ring_init(FpRingObject *r, PyObject *args, PyObject *kwds) {
         goto out;
     }
     r->map = map;
-    r->cur_block = 0;
-    r->blk_open = 0;
-    r->release = PyMem_RawMalloc(sizeof(uint32_t) * (size_t)block_count);
+    r->cur = 0;
     r->replies = PyMem_RawMalloc((size_t)FP_ICMP_BUDGET * FP_REPLY_MAX);
-    if (r->release == NULL || r->replies == NULL) {
+    if (r->replies == NULL) {
         ring_release_resources(r);
         PyErr_NoMemory();
         goto out;
@@ -402,61 +408,44 @@ out:
 
 /* ---- receive --------------------------------------------------------------------------------- */
 
-static inline struct tpacket_block_desc *ring_block(FpRingObject *r, uint32_t i) {
-    return (struct tpacket_block_desc *)(r->map + (size_t)i * r->block_size);
+static inline struct tpacket2_hdr *ring_slot(FpRingObject *r, uint32_t i) {
+    return (struct tpacket2_hdr *)(r->map + (size_t)i * r->frame_size);
 }
 
-/* Take up to `max` frames from ready blocks. Fully read blocks are listed in r->release (they
- * go back to the kernel once the batch's output is sent). Returns the number of frames. */
-static size_t ring_collect(FpRingObject *r, size_t max, uint32_t *n_release) {
+/* Take up to `max` frames from the slots the kernel has handed over, in ring order. Every slot
+ * taken (processed or skipped) is added to *taken; they go back to the kernel together once
+ * the batch's output is sent. At most one lap: a slot taken in this batch is still ours and
+ * would otherwise be read again. Returns the number of frames to process. */
+static size_t ring_collect(FpRingObject *r, size_t max, uint32_t *taken) {
     size_t n = 0;
-    while (n < max) {
-        if (!r->blk_open) {
-            struct tpacket_block_desc *bd = ring_block(r, r->cur_block);
-            if (!(__atomic_load_n(&bd->hdr.bh1.block_status, __ATOMIC_ACQUIRE) & TP_STATUS_USER))
-                break;
-            r->blk_open = 1;
-            r->blk_left = bd->hdr.bh1.num_pkts;
-            r->blk_next = (uint8_t *)bd + bd->hdr.bh1.offset_to_first_pkt;
-            r->c.rx_blocks++;
-        }
-        while (n < max && r->blk_left > 0) {
-            struct tpacket3_hdr *h = (struct tpacket3_hdr *)r->blk_next;
-            r->blk_left--;
-            if (h->tp_next_offset != 0)
-                r->blk_next += h->tp_next_offset;
-            else
-                r->blk_left = 0; /* the block's last frame */
-            if (!r->ignores_outgoing) {
-                const struct sockaddr_ll *sll =
-                    (const struct sockaddr_ll *)((uint8_t *)h + TPACKET_ALIGN(sizeof(*h)));
-                if (sll->sll_pkttype == PACKET_OUTGOING) {
-                    r->c.rx_outgoing++;
-                    continue;
-                }
-            }
-            if (h->tp_snaplen < h->tp_len) {
-                r->c.rx_truncated++;
+    while (n < max && *taken < r->frame_count) {
+        struct tpacket2_hdr *h = ring_slot(r, r->cur);
+        if (!(__atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE) & TP_STATUS_USER))
+            break;
+        (*taken)++;
+        r->cur = r->cur + 1 == r->frame_count ? 0 : r->cur + 1;
+        if (!r->ignores_outgoing) {
+            const struct sockaddr_ll *sll =
+                (const struct sockaddr_ll *)((uint8_t *)h + TPACKET_ALIGN(sizeof(*h)));
+            if (sll->sll_pkttype == PACKET_OUTGOING) {
+                r->c.rx_outgoing++;
                 continue;
             }
-            r->tp[n++] = h;
         }
-        if (r->blk_left == 0) {
-            r->release[(*n_release)++] = r->cur_block;
-            r->blk_open = 0;
-            r->cur_block = r->cur_block + 1 == r->block_count ? 0 : r->cur_block + 1;
-            /* Every block is listed at most once per batch: stop after a full lap. */
-            if (*n_release == r->block_count)
-                break;
+        if (h->tp_snaplen < h->tp_len) {
+            r->c.rx_truncated++;
+            continue;
         }
+        r->tp[n++] = h;
     }
     return n;
 }
 
-static void ring_release_blocks(FpRingObject *r, uint32_t n_release) {
-    for (uint32_t i = 0; i < n_release; i++) {
-        struct tpacket_block_desc *bd = ring_block(r, r->release[i]);
-        __atomic_store_n(&bd->hdr.bh1.block_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
+/* Hand `count` slots from `first` on back to the kernel, in ring order. */
+static void ring_release_slots(FpRingObject *r, uint32_t first, uint32_t count) {
+    for (uint32_t i = 0, slot = first; i < count; i++) {
+        __atomic_store_n(&ring_slot(r, slot)->tp_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
+        slot = slot + 1 == r->frame_count ? 0 : slot + 1;
     }
 }
 
@@ -479,7 +468,7 @@ static int ring_frames(FpRingObject *r, size_t n) {
     }
     uint8_t *vlan = r->vlan_buf;
     for (size_t i = 0; i < n; i++) {
-        struct tpacket3_hdr *h = r->tp[i];
+        struct tpacket2_hdr *h = r->tp[i];
         fp_frame *f = &r->frames[i];
         uint8_t *data = (uint8_t *)h + h->tp_mac;
         f->status = h->tp_status;
@@ -487,11 +476,11 @@ static int ring_frames(FpRingObject *r, size_t n) {
         if (h->tp_status & FP_STATUS_CSUMNOTREADY)
             r->c.rx_csum_not_ready++;
         if ((h->tp_status & TP_STATUS_VLAN_VALID) && h->tp_snaplen >= 12) {
-            uint16_t tpid = (h->tp_status & TP_STATUS_VLAN_TPID_VALID) ? h->hv1.tp_vlan_tpid
+            uint16_t tpid = (h->tp_status & TP_STATUS_VLAN_TPID_VALID) ? h->tp_vlan_tpid
                                                                        : ETH_P_8021Q;
             memcpy(vlan, data, 12);
             fp_put16(vlan + 12, tpid);
-            fp_put16(vlan + 14, h->hv1.tp_vlan_tci);
+            fp_put16(vlan + 14, h->tp_vlan_tci);
             memcpy(vlan + 16, data + 12, h->tp_snaplen - 12);
             f->data = vlan;
             f->len = h->tp_snaplen + 4;
@@ -559,13 +548,26 @@ static int ring_sink_tx(fp_sink *sink, fp_engine *E, const fp_pkt *p, const fp_b
         return ring_sink_reply(sink, E, reply, len, index);
     }
     uint32_t k = s->n_msgs++;
-    uint8_t *hdr = r->hdrs + (size_t)k * FP_OUTER_LEN;
-    fp_write_outer(hdr, b, p);
-    /* Ring memory (and the VLAN copy) is ours until the block is released: complete the
+    /* Ring memory (and the VLAN copy) is ours until the slot is released: complete the
      * checksum in place. */
     uint8_t *frame = (uint8_t *)p->frame;
     if (p->csum_off >= 0)
         memcpy(frame + p->csum_off, &p->csum_val, 2);
+    const struct tpacket2_hdr *h = r->tp[index];
+    if (frame == (const uint8_t *)h + h->tp_mac &&
+        h->tp_mac + p->l3_off >= TPACKET2_HDRLEN + FP_OUTER_LEN) {
+        /* The frame is in its slot with the PACKET_RESERVE headroom in front: the outer
+         * header replaces the inner Ethernet header (the frame is not read again) and the
+         * packet leaves as one iovec. */
+        uint8_t *outer = frame + p->l3_off - FP_OUTER_LEN;
+        fp_write_outer(outer, b, p);
+        r->iovs[2 * k].iov_base = outer;
+        r->iovs[2 * k].iov_len = FP_OUTER_LEN + p->l3_len;
+        ring_msg(r, k, b->ifindex, 1);
+        return verdict;
+    }
+    uint8_t *hdr = r->hdrs + (size_t)k * FP_OUTER_LEN;
+    fp_write_outer(hdr, b, p);
     r->iovs[2 * k].iov_base = hdr;
     r->iovs[2 * k].iov_len = FP_OUTER_LEN;
     r->iovs[2 * k + 1].iov_base = frame + p->l3_off;
@@ -662,9 +664,9 @@ static PyObject *ring_run(FpRingObject *r, PyObject *args, PyObject *kwds) {
     Py_XSETREF(r->engine, Py_NewRef(engine_o));
 
     r->busy = 1;
-    uint32_t n_release = 0;
-    size_t n = ring_collect(r, (size_t)max_frames, &n_release);
-    if (n == 0 && n_release == 0 && timeout != 0) {
+    uint32_t first = r->cur, taken = 0;
+    size_t n = ring_collect(r, (size_t)max_frames, &taken);
+    if (n == 0 && taken == 0 && timeout != 0) {
         struct pollfd pfd = {.fd = r->fd, .events = POLLIN | POLLERR};
         int rc;
         Py_BEGIN_ALLOW_THREADS
@@ -674,7 +676,7 @@ static PyObject *ring_run(FpRingObject *r, PyObject *args, PyObject *kwds) {
             r->busy = 0;
             return PyErr_SetFromErrno(PyExc_OSError);
         }
-        n = ring_collect(r, (size_t)max_frames, &n_release);
+        n = ring_collect(r, (size_t)max_frames, &taken);
     }
     PyObject *verdicts = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
     PyObject *tx = PyList_New(0), *misses = PyList_New(0), *events = PyList_New(0);
@@ -689,7 +691,9 @@ static PyObject *ring_run(FpRingObject *r, PyObject *args, PyObject *kwds) {
     }
     if (rc == 0)
         ring_flush(r, &eng->e, sink.n_msgs);
-    ring_release_blocks(r, n_release);
+    ring_release_slots(r, first, taken);
+    if (taken > 0)
+        r->c.rx_reads++;
     r->busy = 0;
     if (rc < 0) {
         Py_XDECREF(verdicts);
@@ -825,7 +829,7 @@ static int put(PyObject *d, const char *name, unsigned long long v) {
 static PyObject *ring_counters(FpRingObject *r, PyObject *unused FP_UNUSED) {
     if (r->fd >= 0) {
         /* PACKET_STATISTICS resets on read: accumulate. */
-        struct tpacket_stats_v3 st;
+        struct tpacket_stats st;
         socklen_t len = sizeof(st);
         if (getsockopt(r->fd, SOL_PACKET, PACKET_STATISTICS, &st, &len) < 0)
             return PyErr_SetFromErrno(PyExc_OSError);
@@ -836,7 +840,7 @@ static PyObject *ring_counters(FpRingObject *r, PyObject *unused FP_UNUSED) {
     PyObject *d = PyDict_New();
     if (d == NULL)
         return NULL;
-    if (put(d, "rx_frames", c->rx_frames) < 0 || put(d, "rx_blocks", c->rx_blocks) < 0 ||
+    if (put(d, "rx_frames", c->rx_frames) < 0 || put(d, "rx_reads", c->rx_reads) < 0 ||
         put(d, "rx_truncated", c->rx_truncated) < 0 ||
         put(d, "rx_outgoing", c->rx_outgoing) < 0 ||
         put(d, "rx_csum_not_ready", c->rx_csum_not_ready) < 0 ||
@@ -873,7 +877,7 @@ static PyMethodDef ring_methods[] = {
     {"run", (PyCFunction)(void (*)(void))ring_run, METH_VARARGS | METH_KEYWORDS,
      "run(engine, now_ms, max_frames, timeout_ms=0) -> Result: receive up to max_frames "
      "frames, process them in one batch, transmit the output (Result.tx is empty). "
-     "timeout_ms > 0 (or -1) waits that long for a first block when none is ready."},
+     "timeout_ms > 0 (or -1) waits that long for a first frame when none is ready."},
     {"send", (PyCFunction)(void (*)(void))ring_send, METH_VARARGS | METH_KEYWORDS,
      "send(tx, engine=None) -> int: transmit Engine.process tx items in one sendmmsg; link "
      "info from `engine`, by default the engine of the last run(). Returns frames sent."},
@@ -899,7 +903,7 @@ PyTypeObject FpRing_Type = {
     .tp_repr = (reprfunc)ring_repr,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "PacketRing(ifname, *, fanout_group=0, block_size=1<<20, block_count=64, "
-              "frame_size=2048, bpf=b'', block_timeout_ms=1): TPACKET_V3 receive ring and "
+              "frame_size=2048, bpf=b'', block_timeout_ms=1): TPACKET_V2 receive ring and "
               "batched AF_PACKET transmit (forwarder/DATAPATH.md, I/O).",
     .tp_methods = ring_methods,
     .tp_getset = ring_getset,

@@ -1,7 +1,7 @@
 """Pure-Python packet I/O with the interface of the C `PacketRing`: AF_PACKET in, engine, out.
 
 It is the reference path (and the fallback where the extension is not built): plain `recvmsg` per
-frame instead of a TPACKET_V3 ring, plain `send` per frame instead of `sendmmsg`, same semantics.
+frame instead of a TPACKET_V2 ring, plain `send` per frame instead of `sendmmsg`, same semantics.
 
 What the C ring mirrors (see DATAPATH.md, "I/O"):
 
@@ -106,8 +106,8 @@ class PyPacketRing:
         bpf: bytes = b"",
         block_timeout_ms: int = 1,
     ) -> None:
-        # The C ring's slot size and block retire timeout; here every frame gets a MAX_FRAME
-        # buffer and is readable as soon as it is queued.
+        # The C ring's slot size and (ignored there too) block retire timeout; here every frame
+        # gets a MAX_FRAME buffer and is readable as soon as it is queued.
         del frame_size, block_timeout_ms
         if not 0 <= fanout_group <= 0xFFFF:
             raise UsageError(f"fanout_group must be 0..65535, got {fanout_group}")
@@ -122,11 +122,11 @@ class PyPacketRing:
         self._buf = bytearray(MAX_FRAME)
         self._view = memoryview(self._buf)
         self._pending_error: OSError | None = None
-        # The C ring's counter names; rx_blocks stays 0 (no ring blocks here).
+        # The C ring's counter names.
         self._counters = dict.fromkeys(
             (
                 "rx_frames",
-                "rx_blocks",
+                "rx_reads",
                 "rx_truncated",
                 "rx_outgoing",
                 "rx_csum_not_ready",
@@ -211,6 +211,7 @@ class PyPacketRing:
         frames: list[bytes] = []
         statuses: list[int] = []
         counters = self._counters
+        took = 0
         while len(frames) < max_frames:
             try:
                 size, ancdata, flags, address = self._rx.recvmsg_into(
@@ -224,6 +225,7 @@ class PyPacketRing:
                     raise
                 self._pending_error = exc
                 break
+            took = 1
             if address[2] == PACKET_OUTGOING:
                 counters["rx_outgoing"] += 1
                 continue
@@ -245,6 +247,7 @@ class PyPacketRing:
             frames.append(frame)
             statuses.append(status)
         counters["rx_frames"] += len(frames)
+        counters["rx_reads"] += took
         return frames, statuses
 
     def run(self, engine: Engine[_R], now_ms: int, max_frames: int, timeout_ms: int = 0) -> _R:

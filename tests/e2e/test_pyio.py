@@ -168,7 +168,7 @@ def test_frames_from_the_peer_arrive_whole_with_vlan_tags_restored(lab: Lab) -> 
         # The same counters as the C PacketRing.
         assert set(counters) == {
             "rx_frames",
-            "rx_blocks",
+            "rx_reads",
             "rx_truncated",
             "rx_outgoing",
             "rx_csum_not_ready",

@@ -109,7 +109,7 @@ class Lab:
         from forwarder._fastpath import PacketRing
 
         with self.fwd.entered():
-            return PacketRing("fa", block_size=1 << 16, block_count=16, **kw)
+            return PacketRing("fa", **{"block_size": 1 << 16, "block_count": 16, **kw})
 
     def to_forwarder(self, packet_frames: Sequence[bytes]) -> None:
         for f in packet_frames:
@@ -344,3 +344,68 @@ def test_ring_is_a_context_manager_with_a_pollable_fd(lab: Lab) -> None:
         ring.run(engine, NOW, 1)
     ring.close()  # twice is fine
     assert TP_STATUS_CSUMNOTREADY == 8
+
+
+def wait_for_drops(ring: Any, count: int, timeout: float = 5.0) -> dict[str, int]:
+    """Counters once the kernel has dropped `count` frames for want of a free slot
+    (PACKET_STATISTICS), without reading any."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counters: dict[str, int] = ring.counters()
+        if counters["rx_kernel_drops"] >= count or time.monotonic() > deadline:
+            return counters
+        time.sleep(0.01)
+
+
+def test_each_frame_is_handed_over_on_its_own(lab: Lab) -> None:
+    """TPACKET_V2: a lone frame is readable at once. A V3 ring would hold it in its block until
+    the block filled (32 frames here) or its retire timer (the 60 s asked for) fired."""
+    engine = lab.engine()
+    with lab.ring(block_timeout_ms=60_000) as ring:
+        for i in range(3):
+            lab.to_forwarder([syn4(lab, 9200 + i)])
+            assert select.select([ring], [], [], 5)[0], "the frame was not handed over"
+            assert ring.run(engine, NOW, 256).verdicts == bytes([Verdict.NEW])
+            assert not select.select([ring], [], [], 0)[0], "its slot was not given back"
+        counters = ring.counters()
+    assert counters["rx_frames"] == 3 and counters["rx_reads"] == 3
+
+
+def test_full_ring_drops_in_the_kernel_and_wraps(lab: Lab) -> None:
+    """A 4-slot ring: frames beyond 4 unread ones are the kernel's drops; one run() takes at
+    most one lap; slots go back in order, so the ring keeps going round."""
+    engine = lab.engine()
+    frames = [syn4(lab, 9300 + i) for i in range(10)]
+    with lab.ring(block_size=4096, block_count=2) as ring:  # 2 slots of 2048 per block
+        lab.to_forwarder(frames)
+        assert wait_for_drops(ring, 6)["rx_kernel_drops"] == 6
+        assert ring.run(engine, NOW, 256).verdicts == bytes([Verdict.NEW] * 4)
+        assert ring.run(engine, NOW, 256).verdicts == b""
+        # Round and round: waves of 3 frames start at every slot in turn.
+        later = [syn4(lab, 9400 + i) for i in range(15)]
+        verdicts = b""
+        for wave in range(5):
+            lab.to_forwarder(later[3 * wave : 3 * wave + 3])
+            verdicts += run_until(ring, engine, 3)
+        counters = ring.counters()
+    assert verdicts == bytes([Verdict.NEW] * 15)
+    assert counters["rx_kernel_drops"] == 6 and counters["rx_frames"] == 4 + 15
+    got = drain(lab.capture, 4 + 15)
+    assert got == expected_frames(lab, frames[:4] + later)
+
+
+def test_truncated_frames_are_counted_not_processed(lab: Lab) -> None:
+    engine = lab.engine()
+    # A 256-byte slot holds 150 bytes of an untagged frame (DATAPATH.md, I/O clarification 15).
+    sizes = {9500: 96, 9501: 97, 9502: 0}  # TCP payload: frames of 150, 151 and 54 bytes
+    with lab.ring(frame_size=256, block_size=4096, block_count=2) as ring:
+        lab.to_forwarder([syn4(lab, port, size=size) for port, size in sizes.items()])
+        verdicts = run_until(ring, engine, 2)
+        verdicts += ring.run(engine, NOW, 256, timeout_ms=100).verdicts
+        counters = ring.counters()
+    assert verdicts == bytes([Verdict.NEW] * 2)
+    assert counters["rx_truncated"] == 1 and counters["rx_frames"] == 2
+    # Both frames that fit were tunnelled whole (their outer header written in the headroom).
+    got = drain(lab.capture, 2)
+    assert [len(f) for f in got] == [14 + 40 + 150 - 14, 14 + 40 + 54 - 14]
+    assert got == expected_frames(lab, [syn4(lab, 9500, size=96), syn4(lab, 9502)])
