@@ -35,7 +35,7 @@ from tests.e2e.pop import (
     Pop,
     decap_addr,
 )
-from tests.netns import Topology, wait_until
+from tests.netns import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -59,17 +59,8 @@ class CliPop(Pop):
 def pop() -> Iterator[Pop]:
     require_netns()
     impl = "c" if c_engine_available() else "python"
-    topo = Topology(tag="cli")
-    built: Pop | None = None
-    try:
-        built = CliPop.build(topo, backends=3)
-        built.start_forwarder(impl, backends=[1, 2, 3])
+    with CliPop.running("cli", impl, backends=3, serving=[1, 2, 3]) as built:
         yield built
-    finally:
-        if built is not None:
-            built.close()
-        else:
-            topo.close()
 
 
 def cli(p: Pop, *args: str, socket: bool = True) -> subprocess.CompletedProcess[str]:

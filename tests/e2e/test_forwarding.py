@@ -17,7 +17,6 @@ import pytest
 from forwarder.fastpath import c_engine_available
 from tests.e2e.conftest import require_netns
 from tests.e2e.pop import CLIENT4, CLIENT6, VIP4, VIP6, WEIGHTS, Pop, decap_addr
-from tests.netns import Topology
 
 pytestmark = pytest.mark.e2e
 
@@ -30,17 +29,8 @@ def pop(request: pytest.FixtureRequest) -> Iterator[tuple[Pop, str]]:
     impl = str(request.param)
     if impl == "c" and not c_engine_available():
         pytest.fail("the C fast path is not built (pip install -e .)")
-    topo = Topology(tag=f"fwd-{impl}")
-    built: Pop | None = None
-    try:
-        built = Pop.build(topo, backends=4)
-        built.start_forwarder(impl, backends=[1, 2, 3])
+    with Pop.running(f"fwd-{impl}", impl, backends=4, serving=[1, 2, 3]) as built:
         yield built, impl
-    finally:
-        if built is not None:
-            built.close()
-        else:
-            topo.close()
 
 
 def ensure_forwarder(pop: Pop, impl: str, backends: list[int]) -> None:

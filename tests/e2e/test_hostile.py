@@ -46,7 +46,6 @@ from tests.e2e.pop import (
     Pop,
     decap_addr,
 )
-from tests.netns import Topology
 
 pytestmark = pytest.mark.e2e
 
@@ -129,18 +128,10 @@ class HostilePop(Pop):
 @pytest.fixture(scope="module")
 def pop() -> Iterator[HostilePop]:
     require_netns()
-    topo = Topology(tag="hostile")
-    built: Pop | None = None
-    try:
-        built = HostilePop.build(topo, backends=len(BACKENDS))
-        assert isinstance(built, HostilePop)
-        built.start_forwarder(IMPL, backends=list(BACKENDS))
+    with HostilePop.running(
+        "hostile", IMPL, backends=len(BACKENDS), serving=list(BACKENDS)
+    ) as built:
         yield built
-    finally:
-        if built is not None:
-            built.close()
-        else:
-            topo.close()
 
 
 def delta(after: dict[str, int], before: dict[str, int], key: str) -> int:
