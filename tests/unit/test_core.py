@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from flowstate.errors import StoreUnavailable
 from flowstate.flow import FiveTuple, Proto
 from flowstate.record import FlowRecord
 from flowstate.store import MemoryStore
@@ -276,6 +277,7 @@ async def test_pin_conflict_with_a_dead_backend_overwrites(impl: str) -> None:
     (rec,) = await store.lookup_many([to_tuple(udp)])
     assert rec is not None and rec.backend_ip == BACKENDS[ours]
 
+
 async def test_failed_pin_batch_is_retried_with_backoff_while_new_pins_go_on(impl: str) -> None:
     """A failed write batch holds back only its own pins (written back after a wait that
     doubles with each failure in a row); pins of new flows are written meanwhile, and no pin
@@ -342,3 +344,65 @@ def test_to_tuple_equals_the_reference() -> None:
     with pytest.raises(ValueError):
         to_tuple((99, CLIENT, 0, VIP, 0))
 
+
+async def test_one_failed_master_fails_only_its_flows(impl: str) -> None:
+    """Issue 7: a lookup batch whose items of one (down) master are LOOKUP_FAILED installs
+    the other flows from the store; the failed ones alone wait (patience), are asked again,
+    then fall back to Maglev and are written back."""
+    from flowstate.store.base import LOOKUP_FAILED
+
+    store = MemoryStore()
+    pop = make_pop(impl, "pop1", BACKENDS[:3], lookup_patience_ms=50)
+    # Pinned elsewhere on a backend this POP's Maglev would not pick (a route move).
+    ports = [p for p in range(49000, 49100) if _table_pick(BACKENDS[:3], p) != 2][:4]
+    pinned = FlowRecord(BACKENDS[2], VIP, 1, "pop0")
+    await store.pin_many([(to_tuple(flow(p)), pinned, 60_000) for p in ports])
+    down = set(ports[2:])  # their "master" is down
+    store.unreachable = lambda t: t.client_port in down
+    feed(pop, [tcp_frame(p, P.TCP_ACK) for p in ports])
+
+    work = pop.take_store_work(NOW + 10)
+    assert sorted(work.lookups) == sorted(flow(p) for p in ports)
+    records = await store.lookup_many([to_tuple(f) for f in work.lookups], partial=True)
+    assert [r is LOOKUP_FAILED for r in records] == [f[2] in down for f in work.lookups]
+    result = pop.on_lookups(work.lookups, records, NOW + 10)
+    # The answered flows go to the stored backend (not Maglev's choice), at once.
+    assert sorted(bid for bid, _ in result.tx) == [2, 2]
+    for p in ports:
+        entry = pop.engine.lookup(flow(p))
+        assert (entry is None) == (p in down)
+        assert entry is None or entry[0] == 2
+    assert pop.counters["lookup_hits"] == 2 and pop.counters["lookup_failed"] == 2
+    assert pop.counters["lookup_retries"] == 2 and pop.counters["fallbacks"] == 0
+    assert pop.queued_frames == 2  # the failed flows' packets wait within their patience
+
+    # Asked again (only they), still failing, past their patience: Maglev decides for them.
+    work = pop.take_store_work(NOW + 70)
+    assert sorted(work.lookups) == sorted(flow(p) for p in down)
+    with pytest.raises(StoreUnavailable):  # nothing of this batch could be answered
+        await store.lookup_many([to_tuple(f) for f in work.lookups], partial=True)
+    result = pop.on_lookups(work.lookups, None, NOW + 70)
+    picks = {p: pop.engine.maglev_pick(0, to_tuple(flow(p)).hash64()) for p in down}
+    assert sorted(bid for bid, _ in result.tx) == sorted(picks.values())
+    assert pop.counters["fallbacks"] == 2 and pop.queued_frames == 0
+    # Their choice is written back (NX: the store keeps what it had, the POPs then agree
+    # flow by flow); the answered flows are not written at all.
+    work = pop.take_store_work(NOW + 80)
+    assert work.writebacks == {flow(p) for p in down}
+
+
+async def test_partial_lookup_contract_of_the_memory_store() -> None:
+    from flowstate.store.base import LOOKUP_FAILED
+
+    store = MemoryStore()
+    ts = [to_tuple(flow(p)) for p in range(50000, 50004)]
+    rec = FlowRecord(BACKENDS[0], VIP, 1, "pop0")
+    await store.pin_many([(ts[0], rec, 60_000), (ts[2], rec, 60_000)])
+    store.unreachable = lambda t: t.client_port >= 50002
+    assert await store.lookup_many(ts, partial=True) == [rec, None, LOOKUP_FAILED, LOOKUP_FAILED]
+    with pytest.raises(StoreUnavailable):  # without `partial` any failed item fails the call
+        await store.lookup_many(ts)
+    with pytest.raises(StoreUnavailable):  # with it, only a call with nothing answered
+        await store.lookup_many(ts[2:], partial=True)
+    assert await store.lookup_many(ts[:2]) == [rec, None]
+    assert await store.lookup_many([], partial=True) == []
