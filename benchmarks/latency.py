@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -86,29 +83,7 @@ class Settings:
 
 def build_pingpong() -> Path:
     """The compiled pingpong, cached by the source's hash next to pktgen's build."""
-    compiler = os.environ.get("CC") or "gcc"
-    if shutil.which(compiler) is None:
-        raise BenchmarkError(f"{compiler} not found: the latency benchmark compiles pingpong.c")
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(pktgen.CFLAGS).encode()).hexdigest()[:16]
-    target = pktgen.cache_dir() / f"pingpong-{digest}"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="pingpong-", dir=target.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run(
-            [compiler, *pktgen.CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            raise BenchmarkError(f"compiling {SOURCE.name} failed:\n{proc.stderr}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return pktgen.compile_cached(SOURCE, "the latency benchmark")
 
 
 class LatencyLab:

@@ -26,24 +26,30 @@ def cache_dir() -> Path:
 
 def build(cc: str | None = None) -> Path:
     """Path of the compiled pktgen, compiling it first if this source was never built."""
+    return compile_cached(SOURCE, "the fastpath benchmark", cc)
+
+
+def compile_cached(source_path: Path, user: str, cc: str | None = None) -> Path:
+    """Path of `source_path` compiled with CFLAGS, cached by the hash of source and flags (a
+    benchmark's helper program; `user` names the benchmark in the error without a compiler)."""
     compiler = cc or os.environ.get("CC") or "gcc"
     if shutil.which(compiler) is None:
-        raise BenchmarkError(f"{compiler} not found: the fastpath benchmark compiles pktgen.c")
-    source = SOURCE.read_bytes()
+        raise BenchmarkError(f"{compiler} not found: {user} compiles {source_path.name}")
+    source = source_path.read_bytes()
     digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"pktgen-{digest}"
+    target = cache_dir() / f"{source_path.stem}-{digest}"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Compile to a private name, then rename: concurrent runs never see a half-written file.
-    fd, tmp = tempfile.mkstemp(prefix="pktgen-", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{source_path.stem}-", dir=target.parent)
     os.close(fd)
     try:
         proc = subprocess.run(
-            [compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True
+            [compiler, *CFLAGS, "-o", tmp, str(source_path)], capture_output=True, text=True
         )
         if proc.returncode != 0:
-            raise BenchmarkError(f"compiling {SOURCE.name} failed:\n{proc.stderr}")
+            raise BenchmarkError(f"compiling {source_path.name} failed:\n{proc.stderr}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, target)
     finally:
