@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from flowstate.flow import FiveTuple, Proto
 from flowstate.record import FlowRecord
 from flowstate.store.base import LOOKUP_FAILED, LookupResult
+from forwarder.packet import IPPROTO_UDP, MISS_ICMP
 
 #: A flow as the engine reports it: (proto, client_ip, client_port, vip_ip, vip_port).
 FlowT = tuple[int, bytes, int, bytes, int]
@@ -41,6 +42,8 @@ class EngineLike(Protocol):
     def lookup(self, flow: FlowT) -> tuple[int, int, int] | None: ...
 
     def maglev_pick(self, vip_id: int, hash64: int) -> int: ...
+
+    def forward_to(self, frames: Sequence[bytes], backend_id: int) -> Any: ...
 
 
 _PROTOS = {int(p): p for p in Proto}
@@ -137,6 +140,8 @@ class ForwardingCore:
         self._queued_frames = 0
         self._first_miss: dict[FlowT, int] = {}
         self._in_flight: set[FlowT] = set()
+        # Queued flows whose frames are all ICMP errors: they never create state.
+        self._icmp_only: set[FlowT] = set()
         self._pins: OrderedDict[FlowT, int] = OrderedDict()  # flow → backend_id (NEW events)
         self._writeback: OrderedDict[FlowT, int] = OrderedDict()  # pins to retry after outage
         self._overwrite: set[FlowT] = set()  # writebacks replacing a record of a dead backend
@@ -170,6 +175,11 @@ class ForwardingCore:
                 "touches",
                 "releases",
                 "evictions",
+                "icmp_misses",
+                "icmp_stored",
+                "icmp_maglev",
+                "icmp_no_backend",
+                "udp_lookup_first_new",
             ),
             0,
         )
@@ -208,8 +218,11 @@ class ForwardingCore:
     def on_result(self, result: Any, now_ms: int = 0) -> None:
         """Take a processed batch's misses and events."""
         per_flow = self.config.miss_queue_per_flow
-        for _vip_id, flow, frame in result.misses:
+        for _vip_id, flow, frame, kind in result.misses:
             self.counters["misses"] += 1
+            icmp = kind == MISS_ICMP
+            if icmp:
+                self.counters["icmp_misses"] += 1
             queue = self._queued.get(flow)
             if queue is None:
                 if self._queued_frames >= self.config.miss_queue_total:
@@ -218,9 +231,15 @@ class ForwardingCore:
                 self._queued[flow] = [frame]
                 self._queued_frames += 1
                 self._first_miss[flow] = now_ms
+                if icmp:
+                    self._icmp_only.add(flow)
+                else:
+                    self._icmp_only.discard(flow)
             elif len(queue) < per_flow and self._queued_frames < self.config.miss_queue_total:
                 queue.append(frame)
                 self._queued_frames += 1
+                if not icmp:
+                    self._icmp_only.discard(flow)
             else:
                 self.counters["miss_queue_full"] += 1
         for event, flow, backend_id in result.events:
@@ -367,10 +386,12 @@ class ForwardingCore:
         Returns the engine's Result for the re-run frames (its `tx` is what to send).
         """
         frames: list[bytes] = []
+        stateless: dict[int, list[bytes]] = {}  # backend_id → ICMP errors forwarded statelessly
         patience = self.config.lookup_patience_ms
         for i, flow in enumerate(flows):
             self._in_flight.discard(flow)
             backend_id: int | None = None
+            udp_start = False
             rec = records[i] if records is not None else LOOKUP_FAILED
             if rec is LOOKUP_FAILED:
                 rec = None
@@ -380,18 +401,45 @@ class ForwardingCore:
                     continue  # still queued: the next round asks again
                 if not self.config.fallback:
                     dropped = self._queued.pop(flow, [])
+                    self._icmp_only.discard(flow)
                     self._queued_frames -= len(dropped)
                     self._first_miss.pop(flow, None)
                     self.counters["dropped_no_store"] += len(dropped)
                     continue
             elif rec is None:
                 self.counters["lookup_not_found"] += 1
+                # Only lookup-first VIPs hold a UDP datagram for its lookup: a flow start.
+                udp_start = flow[0] == IPPROTO_UDP
             else:
                 self.counters["lookup_hits"] += 1
                 backend_id = self._valid_backend(flow, rec)
                 if backend_id is not None:
                     _log_flow("store_hit", flow, backend=rec.backend, pinned_by=rec.pop)
-            if backend_id is None:
+            if flow in self._icmp_only and self.engine.lookup(flow) is None:
+                # Only ICMP errors quote this flow here: they go to the stored backend (a flow
+                # pinned before a route move: PMTU must reach it) or Maglev's choice, and never
+                # install a flow or write a pinning (a storm quoting random flows must not).
+                self._icmp_only.discard(flow)
+                self._first_miss.pop(flow, None)
+                held = self._queued.pop(flow, [])
+                self._queued_frames -= len(held)
+                if backend_id is None:
+                    backend_id = self._maglev_choice(flow)
+                    self.counters["icmp_maglev" if backend_id >= 0 else "icmp_no_backend"] += 1
+                else:
+                    self.counters["icmp_stored"] += 1
+                stateless.setdefault(backend_id, []).extend(held)
+                continue
+            self._icmp_only.discard(flow)
+            if udp_start:
+                # Not in the store: a new flow, pinned NX like Event.NEW (the stored record is
+                # adopted if another POP pinned it meanwhile), not a fallback.
+                backend_id = self._maglev_choice(flow)
+                if backend_id >= 0:
+                    self.counters["udp_lookup_first_new"] += 1
+                    self._pins[flow] = backend_id
+                    self._releases.pop(flow, None)
+            elif backend_id is None:
                 backend_id = self._fallback(flow)
                 if backend_id >= 0:
                     # Not in the store (lost in a failover, or pinned during an outage):
@@ -408,7 +456,21 @@ class ForwardingCore:
             if queued:
                 self._queued_frames -= len(queued)
                 frames.extend(queued)
-        return self.engine.process(frames, now_ms) if frames else None
+        result = self.engine.process(frames, now_ms) if frames else None
+        for backend_id, held in stateless.items():
+            out = self.engine.forward_to(held, backend_id)  # -1: DROP_NO_BACKEND
+            if result is None:
+                result = out
+            else:
+                result.tx.extend(out.tx)
+        return result
+
+    def _maglev_choice(self, flow: FlowT) -> int:
+        """Maglev's backend for `flow` (-1: none), not counted as a fallback."""
+        vip = self._vips.get((flow[3], flow[4], flow[0]))
+        if vip is None:
+            return -1
+        return self.engine.maglev_pick(vip.vip_id, to_tuple(flow).hash64())
 
     def _remember_writeback(self, flow: FlowT, backend_id: int) -> None:
         self._writeback[flow] = backend_id

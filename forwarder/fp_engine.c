@@ -209,7 +209,8 @@ static int miss_frame(PyObject *misses, const fp_frame *fr, const fp_pkt *p) {
         Py_DECREF(frame);
         return -1;
     }
-    PyObject *item = Py_BuildValue("(iNN)", (int)p->vip_id, flow, frame);
+    int kind = p->is_icmp ? FP_MISS_ICMP : FP_MISS_PACKET;
+    PyObject *item = Py_BuildValue("(iNNi)", (int)p->vip_id, flow, frame, kind);
     if (item == NULL)
         return -1;
     int rc = PyList_Append(misses, item);
@@ -240,7 +241,8 @@ static int table_stage(fp_engine *E, fp_pkt *p, uint64_t now, PyObject *events, 
         return V_FORWARD;
     }
     int is_tcp = p->key.proto == 6;
-    int flow_start = !is_tcp || (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+    int flow_start = is_tcp ? (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN
+                            : !E->vips[p->vip_id].udp_lookup_first;
     uint32_t idle = is_tcp ? E->tcp_idle_ms : E->udp_idle_ms;
     if (s != NULL && !(flow_start && s->state == ST_CLOSING)) {
         fp_slot_seen(s, now);
@@ -288,8 +290,12 @@ static int table_stage(fp_engine *E, fp_pkt *p, uint64_t now, PyObject *events, 
  * doing it early changes nothing else. */
 #define FP_LOOKAHEAD 16
 
-int fp_engine_batch(FpEngineObject *self, const fp_frame *frames, size_t n, uint64_t now,
-                    fp_sink *sink, uint8_t *verdicts, PyObject *misses, PyObject *events) {
+/* `forced` = FP_USE_TABLE: the table stage decides (process, ring); else forward_to(): every
+ * frame of a configured service goes to backend `forced` (-1 or unset: DROP_NO_BACKEND) and the
+ * table is not read or written. */
+static int engine_batch(FpEngineObject *self, const fp_frame *frames, size_t n, uint64_t now,
+                        fp_sink *sink, uint8_t *verdicts, PyObject *misses, PyObject *events,
+                        int forced) {
     fp_engine *E = &self->e;
     uint8_t reply[FP_REPLY_MAX];
     fp_pkt window[FP_LOOKAHEAD];
@@ -320,7 +326,15 @@ int fp_engine_batch(FpEngineObject *self, const fp_frame *frames, size_t n, uint
                 }
             } else {
                 int bid = -1;
-                v = table_stage(E, p, now, events, &bid);
+                if (forced == FP_USE_TABLE) {
+                    v = table_stage(E, p, now, events, &bid);
+                } else if (forced >= 0 && E->backends[forced] != NULL) {
+                    bid = forced;
+                    v = V_FORWARD;
+                    E->forward_to++;
+                } else {
+                    v = V_DROP_NO_BACKEND;
+                }
                 if (v == V_FORWARD || v == V_NEW) {
                     fp_prepare_csum(p);
                     v = sink->tx(sink, E, p, E->backends[bid], v, (uint32_t)i);
@@ -339,6 +353,11 @@ int fp_engine_batch(FpEngineObject *self, const fp_frame *frames, size_t n, uint
     return 0;
 }
 
+int fp_engine_batch(FpEngineObject *self, const fp_frame *frames, size_t n, uint64_t now,
+                    fp_sink *sink, uint8_t *verdicts, PyObject *misses, PyObject *events) {
+    return engine_batch(self, frames, n, now, sink, verdicts, misses, events, FP_USE_TABLE);
+}
+
 /* ---- Result ---------------------------------------------------------------------------------- */
 
 PyTypeObject FpResult_Type;
@@ -346,7 +365,7 @@ PyTypeObject FpResult_Type;
 static PyStructSequence_Field result_fields[] = {
     {"verdicts", "bytes: one Verdict code per input frame"},
     {"tx", "list of (backend_id, packet) or (REPLY, frame)"},
-    {"misses", "list of (vip_id, flow, frame)"},
+    {"misses", "list of (vip_id, flow, frame, kind): kind 1 = ICMP error quoting the flow"},
     {"events", "list of (Event, flow, backend_id)"},
     {NULL, NULL},
 };
@@ -589,10 +608,13 @@ static long long drop_vip_flows(fp_engine *E, const fp_vip *v) {
 }
 
 static PyObject *engine_set_vip(FpEngineObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"vip_id", "ip", "port", "proto", NULL};
-    PyObject *id_o, *ip_o, *port_o, *proto_o;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO:set_vip", kwlist, &id_o, &ip_o, &port_o,
-                                     &proto_o))
+    static char *kwlist[] = {"vip_id", "ip", "port", "proto", "udp_lookup_first", NULL};
+    PyObject *id_o, *ip_o, *port_o, *proto_o, *first_o = Py_False;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|$O:set_vip", kwlist, &id_o, &ip_o,
+                                     &port_o, &proto_o, &first_o))
+        return NULL;
+    int lookup_first = PyObject_IsTrue(first_o);
+    if (lookup_first < 0)
         return NULL;
     if (check_ready(self) < 0)
         return NULL;
@@ -627,6 +649,7 @@ static PyObject *engine_set_vip(FpEngineObject *self, PyObject *args, PyObject *
     v->family = family;
     v->port = (uint16_t)port;
     v->proto = (uint8_t)proto;
+    v->udp_lookup_first = (uint8_t)lookup_first;
     memcpy(v->ip, ip, 16);
     rebuild_lookup(E);
     Py_RETURN_NONE;
@@ -803,6 +826,9 @@ static int ensure_frames(FpEngineObject *self, size_t n) {
     return 0;
 }
 
+static PyObject *run_process(FpEngineObject *self, PyObject *frames_o, long long now,
+                             PyObject *statuses_o, int forced);
+
 static PyObject *engine_process(FpEngineObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"frames", "now_ms", "statuses", NULL};
     PyObject *frames_o, *now_o, *statuses_o = Py_None;
@@ -812,6 +838,12 @@ static PyObject *engine_process(FpEngineObject *self, PyObject *args, PyObject *
     long long now;
     if (check_ready(self) < 0 || int_arg(now_o, "now_ms", 0, INT64_MAX, &now) < 0)
         return NULL;
+    return run_process(self, frames_o, now, statuses_o, FP_USE_TABLE);
+}
+
+/* process() and forward_to(): one batch of Python frames through engine_batch. */
+static PyObject *run_process(FpEngineObject *self, PyObject *frames_o, long long now,
+                             PyObject *statuses_o, int forced) {
     /* A tuple keeps every frame alive for the whole batch, whatever the caller's list does. */
     PyObject *frames = PySequence_Tuple(frames_o);
     if (frames == NULL)
@@ -874,8 +906,8 @@ static PyObject *engine_process(FpEngineObject *self, PyObject *args, PyObject *
         goto error;
     list_sink sink = {{list_sink_tx, list_sink_reply}, tx};
     self->busy = 1;
-    int rc = fp_engine_batch(self, self->frames, (size_t)n, (uint64_t)now, &sink.base,
-                             (uint8_t *)PyBytes_AS_STRING(verdicts), misses, events);
+    int rc = engine_batch(self, self->frames, (size_t)n, (uint64_t)now, &sink.base,
+                          (uint8_t *)PyBytes_AS_STRING(verdicts), misses, events, forced);
     self->busy = 0;
     if (rc < 0)
         goto error;
@@ -897,6 +929,17 @@ error:
     Py_XDECREF(misses);
     Py_XDECREF(events);
     return NULL;
+}
+
+static PyObject *engine_forward_to(FpEngineObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"frames", "backend_id", NULL};
+    PyObject *frames_o, *id_o;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:forward_to", kwlist, &frames_o, &id_o))
+        return NULL;
+    long long id;
+    if (check_ready(self) < 0 || int_arg(id_o, "backend_id", -1, FP_MAX_BACKENDS - 1, &id) < 0)
+        return NULL;
+    return run_process(self, frames_o, 0, Py_None, (int)id);
 }
 
 /* ---- Engine: the table from the slow path ---------------------------------------------------- */
@@ -1005,6 +1048,7 @@ static PyObject *engine_counters(FpEngineObject *self, PyObject *unused FP_UNUSE
         put_counter(d, "evicted", E->evictions) < 0 ||
         put_counter(d, "expired", E->expired) < 0 ||
         put_counter(d, "installs", E->installs) < 0 ||
+        put_counter(d, "forward_to", E->forward_to) < 0 ||
         put_counter(d, "vips", E->n_vips) < 0 ||
         put_counter(d, "tx_packets", E->tx_packets) < 0 ||
         put_counter(d, "tx_bytes", E->tx_bytes) < 0 ||
@@ -1024,7 +1068,8 @@ static PyObject *engine_capacity(FpEngineObject *self, void *closure FP_UNUSED) 
 
 static PyMethodDef engine_methods[] = {
     {"set_vip", (PyCFunction)(void (*)(void))engine_set_vip, METH_VARARGS | METH_KEYWORDS,
-     "set_vip(vip_id, ip, port, proto): serve (ip, port, proto) as VIP vip_id (0..255)."},
+     "set_vip(vip_id, ip, port, proto, *, udp_lookup_first=False): serve (ip, port, proto) as "
+     "VIP vip_id (0..255)."},
     {"remove_vip", (PyCFunction)engine_remove_vip, METH_O,
      "remove_vip(vip_id) -> int: forget the VIP and its Maglev table, drop its flows."},
     {"set_backend", (PyCFunction)(void (*)(void))engine_set_backend, METH_VARARGS | METH_KEYWORDS,
@@ -1039,6 +1084,8 @@ static PyMethodDef engine_methods[] = {
      "maglev_pick(vip_id, hash64) -> backend_id or -1."},
     {"process", (PyCFunction)(void (*)(void))engine_process, METH_VARARGS | METH_KEYWORDS,
      "process(frames, now_ms, statuses=None) -> Result: run one batch of Ethernet frames."},
+    {"forward_to", (PyCFunction)(void (*)(void))engine_forward_to, METH_VARARGS | METH_KEYWORDS,
+     "forward_to(frames, backend_id) -> Result: tunnel the frames to a backend, table untouched."},
     {"install", (PyCFunction)(void (*)(void))engine_install, METH_VARARGS | METH_KEYWORDS,
      "install(flow, backend_id, now_ms): insert or overwrite the flow as ESTABLISHED."},
     {"lookup", (PyCFunction)engine_lookup, METH_O,

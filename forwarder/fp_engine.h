@@ -47,6 +47,8 @@ enum { ST_ESTABLISHED = 1, ST_CLOSING = 2 };
 
 #define FP_UNUSED __attribute__((unused))
 #define FP_REPLY (-1)
+#define FP_USE_TABLE (-2) /* batch mode: the flow table decides (forward_to() passes a backend) */
+enum { FP_MISS_PACKET = 0, FP_MISS_ICMP = 1 }; /* last element of a `misses` item */
 #define FP_HASH_SEED 0x666C6F77u
 #define FP_BUCKET_SLOTS 8
 #define FP_MAX_CAPACITY (1u << 24)
@@ -117,6 +119,7 @@ typedef struct fp_vip {
     uint8_t in_use;
     uint8_t family;
     uint8_t proto;
+    uint8_t udp_lookup_first; /* a UDP datagram of an unknown flow is a MISS, not a flow start */
     uint16_t port;
     uint8_t ip[16];
 } fp_vip;
@@ -177,6 +180,7 @@ typedef struct fp_engine {
 
     uint64_t verdicts[V_COUNT];
     uint64_t evictions, expired, installs, tx_packets, tx_bytes, tx_errors;
+    uint64_t forward_to; /* frames encapsulated by forward_to() */
     uint32_t icmp_budget; /* answers left in the current batch */
 } fp_engine;
 

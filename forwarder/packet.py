@@ -75,6 +75,11 @@ STATE_CLOSING = 2
 #: `tx` destination meaning "send this Ethernet frame back out of the receive interface".
 REPLY = -1
 
+#: Last element of a `Result.misses` item: a packet of the flow itself, or an ICMP error quoting
+#: it (which must never create state: DATAPATH.md "ICMP errors about unknown flows").
+MISS_PACKET = 0
+MISS_ICMP = 1
+
 
 class Verdict(enum.IntEnum):
     """What the engine did with one frame (one byte per frame in `Result.verdicts`)."""

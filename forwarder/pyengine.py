@@ -29,6 +29,8 @@ from forwarder.packet import (
     IPV6_EXT_HEADERS,
     IPV6_MIN_MTU,
     MAX_EXT_HEADERS,
+    MISS_ICMP,
+    MISS_PACKET,
     REPLY,
     STATE_CLOSING,
     STATE_ESTABLISHED,
@@ -46,6 +48,8 @@ from forwarder.packet import (
 
 #: A flow as the engine reports it: (proto, client_ip, client_port, vip_ip, vip_port).
 FlowT = tuple[int, bytes, int, bytes, int]
+#: `(vip_id, flow, whole input frame, MISS_PACKET | MISS_ICMP)`.
+MissT = tuple[int, FlowT, bytes, int]
 
 _NO_BACKEND_ENTRY = 0xFFFF
 _MAX_BACKEND_ID = 0xFFFE
@@ -76,8 +80,9 @@ class Result(NamedTuple):
     """One `Verdict` code per input frame."""
     tx: list[tuple[int, bytes]]
     """`(backend_id, outer IPv6 + inner L3 packet)`, or `(REPLY, Ethernet frame)`."""
-    misses: list[tuple[int, FlowT, bytes]]
-    """`(vip_id, flow, whole input frame)` of unknown flows that are not flow starts."""
+    misses: list[MissT]
+    """`(vip_id, flow, whole input frame, kind)` of unknown flows that are not flow starts;
+    kind MISS_ICMP for an ICMP error quoting the flow, else MISS_PACKET."""
     events: list[tuple[int, FlowT, int]]
     """`(Event, flow, backend_id)`."""
 
@@ -198,6 +203,7 @@ class Engine:
         self._vips: dict[int, tuple[bytes, int, int]] = {}  # vip_id -> (ip, port, proto)
         self._services: dict[tuple[bytes, int, int], int] = {}  # (ip, port, proto) -> vip_id
         self._vip_addresses: dict[bytes, int] = {}  # ip -> number of VIPs on it
+        self._lookup_first: set[int] = set()  # vip_ids whose unknown UDP flows are misses
         self._tables: dict[int, array[int]] = {}
         self._backends: dict[int, bytes] = {}
         self._links: dict[int, tuple[bytes, bytes, int, int]] = {}
@@ -220,11 +226,19 @@ class Engine:
         self._evicted = 0
         self._expired = 0
         self._budget = ICMP_BUDGET
+        self._forced: int | None = None  # backend of the running `forward_to` call
+        self._forwarded_to = 0
 
     # --- configuration ---------------------------------------------------------------------------
 
-    def set_vip(self, vip_id: int, ip: bytes, port: int, proto: int) -> None:
-        """Configure VIP `vip_id`; changing its (ip, port, proto) drops the old triple's flows."""
+    def set_vip(
+        self, vip_id: int, ip: bytes, port: int, proto: int, *, udp_lookup_first: bool = False
+    ) -> None:
+        """Configure VIP `vip_id`; changing its (ip, port, proto) drops the old triple's flows.
+
+        `udp_lookup_first`: a UDP datagram of a flow not in the table is a MISS (the slow path
+        asks the store first) instead of a flow start; no effect on a TCP VIP.
+        """
         _check_range("vip_id", vip_id, 0, _MAX_VIP_ID)
         if not isinstance(ip, bytes) or len(ip) not in (4, 16):
             raise UsageError("VIP ip must be 4 or 16 packed bytes")
@@ -236,6 +250,10 @@ class Engine:
         if owner is not None and owner != vip_id:
             raise UsageError(f"VIP {ip.hex()}:{port}/{proto} is already vip_id {owner}")
         old = self._vips.get(vip_id)
+        if udp_lookup_first:
+            self._lookup_first.add(vip_id)
+        else:
+            self._lookup_first.discard(vip_id)
         if old == triple:
             return
         if old is not None:
@@ -248,6 +266,7 @@ class Engine:
         """Forget VIP `vip_id` and its Maglev table; drop its flows and return how many."""
         _check_range("vip_id", vip_id, 0, _MAX_VIP_ID)
         self._tables.pop(vip_id, None)
+        self._lookup_first.discard(vip_id)
         triple = self._vips.pop(vip_id, None)
         return 0 if triple is None else self._forget_vip(triple)
 
@@ -376,6 +395,7 @@ class Engine:
         out["capacity"] = self._slots
         out["evicted"] = self._evicted
         out["expired"] = self._expired
+        out["forward_to"] = self._forwarded_to
         return out
 
     def __len__(self) -> int:
@@ -451,7 +471,7 @@ class Engine:
             raise UsageError(f"{len(statuses)} statuses for {len(frames)} frames")
         verdicts = bytearray(len(frames))
         tx: list[tuple[int, bytes]] = []
-        misses: list[tuple[int, FlowT, bytes]] = []
+        misses: list[MissT] = []
         events: list[tuple[int, FlowT, int]] = []
         counts = self._verdict_counts
         self._budget = ICMP_BUDGET
@@ -464,13 +484,28 @@ class Engine:
             counts[v] += 1
         return Result(bytes(verdicts), tx, misses, events)
 
+    def forward_to(self, frames: Sequence[bytes], backend_id: int) -> Result:
+        """Encapsulate `frames` (e.g. queued ICMP errors) to `backend_id`, table untouched.
+
+        Each frame is parsed and checked as by `process` (same drop/pass verdicts, too-big rule
+        and ICMP budget); one of a configured service is FORWARD to `backend_id` without a table
+        lookup, insert, refresh or event, or DROP_NO_BACKEND if `backend_id` is -1 or not set.
+        Never reports misses or events; frames are taken as they are (no checksum completion).
+        """
+        _check_range("backend_id", backend_id, -1, _MAX_BACKEND_ID)
+        self._forced = backend_id
+        try:
+            return self.process(frames, 0)
+        finally:
+            self._forced = None
+
     def _frame(
         self,
         f: bytes,
         status: int,
         now: int,
         tx: list[tuple[int, bytes]],
-        misses: list[tuple[int, FlowT, bytes]],
+        misses: list[MissT],
         events: list[tuple[int, FlowT, int]],
     ) -> int:
         n = len(f)
@@ -547,7 +582,7 @@ class Engine:
         status: int,
         now: int,
         tx: list[tuple[int, bytes]],
-        misses: list[tuple[int, FlowT, bytes]],
+        misses: list[MissT],
         events: list[tuple[int, FlowT, int]],
     ) -> int:
         seglen = end - l4
@@ -574,7 +609,13 @@ class Engine:
         src = f[off + 12 : off + 16] if v4 else f[off + 8 : off + 24]
         flow: FlowT = (proto, src, sport, dst, dport)
         hash64 = flow_hash64(flow)
-        flow_start = proto == IPPROTO_UDP or flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        forced = self._forced
+        if forced is not None:
+            return self._forward_forced(f, off, end, v4, tclass, hash64, forced, tx)
+        if proto == IPPROTO_UDP:
+            flow_start = vip_id not in self._lookup_first
+        else:
+            flow_start = flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 
         slot = self._index.get(flow)
         if slot is not None and self._expires[slot] > now:
@@ -599,7 +640,7 @@ class Engine:
             return Verdict.FORWARD
         if flow_start:
             return self._flow_start(f, off, end, v4, tclass, flow, hash64, vip_id, now, tx, events)
-        misses.append((vip_id, flow, f))
+        misses.append((vip_id, flow, f, MISS_PACKET))
         return Verdict.MISS
 
     def _flow_start(
@@ -623,6 +664,24 @@ class Engine:
         events.append((EVENT_NEW, flow, backend_id))
         tx.append((backend_id, self._encap(f, off, end, v4, tclass, hash64, backend_id)))
         return Verdict.NEW
+
+    def _forward_forced(
+        self,
+        f: bytes,
+        off: int,
+        end: int,
+        v4: bool,
+        tclass: int,
+        hash64: int,
+        backend_id: int,
+        tx: list[tuple[int, bytes]],
+    ) -> int:
+        """`forward_to`: encapsulate to `backend_id` whatever the table holds, touching nothing."""
+        if backend_id not in self._backends:
+            return Verdict.DROP_NO_BACKEND
+        self._forwarded_to += 1
+        tx.append((backend_id, self._encap(f, off, end, v4, tclass, hash64, backend_id)))
+        return Verdict.FORWARD
 
     def _encap(
         self, f: bytes, off: int, end: int, v4: bool, tclass: int, hash64: int, backend_id: int
@@ -665,7 +724,7 @@ class Engine:
         tclass: int,
         dst: bytes,
         tx: list[tuple[int, bytes]],
-        misses: list[tuple[int, FlowT, bytes]],
+        misses: list[MissT],
         now: int,
     ) -> int:
         if end - l4 < 8:
@@ -717,10 +776,13 @@ class Engine:
             return Verdict.DROP_TOO_BIG
         flow: FlowT = (qproto, client, client_port, dst, vip_port)
         hash64 = flow_hash64(flow)
+        forced = self._forced
+        if forced is not None:
+            return self._forward_forced(f, off, end, v4, tclass, hash64, forced, tx)
         slot = self._index.get(flow)
         if slot is not None and self._expires[slot] > now:
             backend_id = self._backend[slot]
             tx.append((backend_id, self._encap(f, off, end, v4, tclass, hash64, backend_id)))
             return Verdict.FORWARD
-        misses.append((vip_id, flow, f))
+        misses.append((vip_id, flow, f, MISS_ICMP))
         return Verdict.MISS

@@ -35,6 +35,8 @@ from forwarder.packet import (
     IPPROTO_UDP,
     MAC_CLIENT_SIDE,
     MAC_FORWARDER,
+    MISS_ICMP,
+    MISS_PACKET,
     REPLY,
     TCP_ACK,
     TCP_FIN,
@@ -58,6 +60,7 @@ from forwarder.packet import (
 )
 
 FlowT = tuple[int, bytes, int, bytes, int]
+MissT = tuple[int, FlowT, bytes, int]
 
 
 def ip(text: str) -> bytes:
@@ -140,8 +143,10 @@ class Process:
     now_ms: int = T0
     statuses: tuple[int, ...] | None = None
     tx: tuple[tuple[int, bytes], ...] = ()
-    misses: tuple[tuple[int, FlowT, bytes], ...] = ()
+    misses: tuple[MissT, ...] = ()
     events: tuple[tuple[int, FlowT, int], ...] = ()
+    forward_to: int | None = None
+    """Not None: the call is `forward_to(frames, forward_to)` instead of `process`."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,7 @@ class Call:
     method: str
     args: tuple[Any, ...]
     returns: Any = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
 Step = Process | Call
@@ -191,7 +197,7 @@ class GoldenCase:
         return list(self.main.tx)
 
     @property
-    def expected_misses(self) -> list[tuple[int, FlowT, bytes]]:
+    def expected_misses(self) -> list[MissT]:
         return list(self.main.misses)
 
     @property
@@ -326,9 +332,11 @@ def fwd_step(
     )
 
 
-def miss_step(packet_or_frame: bytes, flow: FlowT, now: int = T0) -> Process:
+def miss_step(
+    packet_or_frame: bytes, flow: FlowT, now: int = T0, kind: int = MISS_PACKET
+) -> Process:
     f = packet_or_frame if packet_or_frame[0] == MAC_FORWARDER[0] else frame(packet_or_frame)
-    return Process((f,), (Verdict.MISS,), now, misses=((vip_of(flow), flow, f),))
+    return Process((f,), (Verdict.MISS,), now, misses=((vip_of(flow), flow, f, kind),))
 
 
 def verdict_step(f: bytes, verdict: Verdict, now: int = T0, status: int = 0) -> Process:
@@ -768,8 +776,21 @@ def _icmp_cases() -> list[GoldenCase]:
             ),
             syn_step(udp4(), u4),
         ),
-        case("ICMP frag-needed about an unknown flow: MISS", miss_step(_icmp4(_quote4()), f4)),
-        case("ICMPv6 packet-too-big about an unknown flow: MISS", miss_step(_icmp6(_quote6()), f6)),
+        case(
+            "ICMP frag-needed about an unknown flow: MISS marked MISS_ICMP, nothing created",
+            miss_step(_icmp4(_quote4()), f4, kind=MISS_ICMP),
+            after=[lookup(f4, None)],
+            flows=0,
+        ),
+        case(
+            "ICMPv6 packet-too-big about an unknown flow: MISS marked MISS_ICMP",
+            miss_step(_icmp6(_quote6()), f6, kind=MISS_ICMP),
+        ),
+        case(
+            "ICMP about a UDP flow unknown to a lookup-first VIP: MISS marked MISS_ICMP",
+            miss_step(_icmp4(_quote4(50000, proto=IPPROTO_UDP, sport=53)), u4, kind=MISS_ICMP),
+            _lookup_first(1),
+        ),
         case(
             "ICMPv6 unreachable about a known flow, quote with hop-by-hop: FORWARD",
             Process(
@@ -1302,7 +1323,7 @@ def _checksum_cases() -> list[GoldenCase]:
                 (frame(tcp4(40020, A, partial=True), vlans=(5,), pad_to=70),),
                 (Verdict.MISS,),
                 statuses=(CSUM,),
-                misses=((0, f4, frame(tcp4(40020, A), vlans=(5,), pad_to=70)),),
+                misses=((0, f4, frame(tcp4(40020, A), vlans=(5,), pad_to=70), MISS_PACKET),),
             ),
         ),
         case(
@@ -1497,6 +1518,161 @@ def _two_choice_cases() -> list[GoldenCase]:
     ]
 
 
+def _lookup_first(vip_id: int, on: bool = True) -> Call:
+    """`set_vip` of a golden VIP again, with `udp_lookup_first` set (or cleared)."""
+    return Call("set_vip", (vip_id, *VIPS[vip_id]), kwargs={"udp_lookup_first": on})
+
+
+def _lookup_first_cases() -> list[GoldenCase]:
+    u4, u6 = flow4(50000, 53, IPPROTO_UDP), flow6(50000, 53, IPPROTO_UDP)
+    f4 = flow4()
+    other = 3 if pick(u4) != 3 else 1  # a backend Maglev would not pick
+    return [
+        case(
+            "UDP lookup-first v4: datagram of an unknown flow is a MISS (no pick, no NEW)",
+            miss_step(udp4(), u4),
+            _lookup_first(1),
+            after=[lookup(u4, None)],
+            flows=0,
+        ),
+        case(
+            "UDP lookup-first v6: datagram of an unknown flow is a MISS",
+            miss_step(udp6(), u6),
+            _lookup_first(3),
+            flows=0,
+        ),
+        case(
+            "UDP lookup-first: CSUMNOTREADY miss carries the completed checksum",
+            Process(
+                (frame(udp4(partial=True)),),
+                (Verdict.MISS,),
+                statuses=(CSUM,),
+                misses=((1, u4, frame(udp4()), MISS_PACKET),),
+            ),
+            _lookup_first(1),
+        ),
+        case(
+            "UDP lookup-first: once installed (store answer), FORWARD to the installed backend",
+            fwd_step(udp4(), u4, T0 + 5, backend=other),
+            _lookup_first(1),
+            Call("install", (u4, other, T0)),
+            after=[lookup(u4, (other, 1, T0 + 5 + UDP_IDLE))],
+            flows=1,
+        ),
+        case(
+            "UDP lookup-first set on a VIP with live flows: they stay and are FORWARD",
+            fwd_step(udp4(), u4, T0 + 5),
+            syn_step(udp4(), u4),
+            _lookup_first(1),
+            flows=1,
+        ),
+        case(
+            "UDP lookup-first cleared again: a datagram of an unknown flow is NEW",
+            syn_step(udp4(), u4),
+            _lookup_first(1),
+            _lookup_first(1, on=False),
+        ),
+        case(
+            "UDP lookup-first forgotten by remove_vip: the VIP set again starts flows (NEW)",
+            syn_step(udp4(), u4),
+            _lookup_first(1),
+            Call("remove_vip", (1,), 0),
+            Call("set_vip", (1, *VIPS[1])),
+            Call("set_maglev", (1, table_bytes(TABLES[1]))),
+        ),
+        case(
+            "UDP lookup-first on a TCP VIP: no effect, SYN is NEW",
+            syn_step(tcp4(flags=S), f4),
+            _lookup_first(0),
+        ),
+        case(
+            "UDP lookup-first: other VIPs keep starting UDP flows (NEW)",
+            syn_step(udp6(), u6),
+            _lookup_first(1),
+        ),
+    ]
+
+
+def _forward_to_cases() -> list[GoldenCase]:
+    big_quote = ipv4(
+        VIP4,
+        CLIENT4,
+        tcp(VIP4, CLIENT4, 80, 40000, flags=A, payload=bytes(1420)),
+        proto=IPPROTO_TCP,
+    )
+    f4, f6, u4 = flow4(), flow6(), flow4(50000, 53, IPPROTO_UDP)
+    icmp4, icmp6 = _icmp4(_quote4()), _icmp6(_quote6())
+    b4 = pick(f4)
+    other = 1 if b4 != 1 else 2
+    return [
+        case(
+            "forward_to: ICMP error about an unknown flow to the given backend, table untouched",
+            Process((frame(icmp4),), (Verdict.FORWARD,), tx=(encap(2, icmp4, f4),), forward_to=2),
+            after=[lookup(f4, None)],
+            flows=0,
+        ),
+        case(
+            "forward_to: ICMPv6 packet-too-big, quoted flow's label",
+            Process((frame(icmp6),), (Verdict.FORWARD,), tx=(encap(3, icmp6, f6),), forward_to=3),
+            flows=0,
+        ),
+        case(
+            "forward_to: a pinned flow's packets go to the given backend, entry not refreshed",
+            Process(
+                (frame(tcp4(flags=A | F)), frame(icmp4)),
+                (Verdict.FORWARD, Verdict.FORWARD),
+                T0 + 500,
+                tx=(encap(other, tcp4(flags=A | F), f4), encap(other, icmp4, f4)),
+                forward_to=other,
+            ),
+            syn_step(tcp4(flags=S), f4),
+            after=[lookup(f4, (b4, 1, T0 + TCP_IDLE))],
+            flows=1,
+        ),
+        case(
+            "forward_to: a UDP datagram of a lookup-first VIP, no flow created",
+            Process((frame(udp4()),), (Verdict.FORWARD,), tx=(encap(1, udp4(), u4),), forward_to=1),
+            _lookup_first(1),
+            after=[lookup(u4, None)],
+            flows=0,
+        ),
+        case(
+            "forward_to -1 (no Maglev backend): DROP_NO_BACKEND",
+            Process((frame(icmp4),), (Verdict.DROP_NO_BACKEND,), forward_to=-1),
+        ),
+        case(
+            "forward_to a backend_id with no set_backend: DROP_NO_BACKEND",
+            Process((frame(icmp4),), (Verdict.DROP_NO_BACKEND,), forward_to=9),
+        ),
+        case(
+            "forward_to: frames not ours keep process's verdicts",
+            Process(
+                (
+                    frame(tcp4(dst=OTHER4)),
+                    frame(_icmp4(_quote4(src=OTHER4))),
+                    frame(_icmp4(_quote4(), type_=11, code=0)),
+                    eth(ETH_P_ARP, dst=b"\xff" * 6) + bytes(28),
+                ),
+                (
+                    Verdict.PASS_NOT_VIP,
+                    Verdict.DROP_ICMP_BAD_QUOTE,
+                    Verdict.PASS_NOT_SERVICE,
+                    Verdict.PASS_NOT_IP,
+                ),
+                forward_to=2,
+            ),
+        ),
+        case(
+            "forward_to: an ICMP error too big for the tunnel: DROP_TOO_BIG",
+            Process(
+                (frame(_icmp4(big_quote)),),
+                (Verdict.DROP_TOO_BIG,),
+                forward_to=2,
+            ),
+        ),
+    ]
+
+
 def _all_cases() -> list[GoldenCase]:
     cases = (
         _flow_starts()
@@ -1506,6 +1682,8 @@ def _all_cases() -> list[GoldenCase]:
         + _too_big_cases()
         + _checksum_cases()
         + _table_cases()
+        + _lookup_first_cases()
+        + _forward_to_cases()
     )
     names = [c.description for c in cases]
     assert len(names) == len(set(names)), "golden case descriptions must be unique"

@@ -55,7 +55,7 @@ def normal(result: Any) -> tuple[Any, ...]:
     return (
         bytes(result.verdicts),
         [(int(b), bytes(p)) for b, p in result.tx],
-        [(int(v), tuple(f), bytes(fr)) for v, f, fr in result.misses],
+        [(int(v), tuple(f), bytes(fr), int(k)) for v, f, fr, k in result.misses],
         [(int(c), tuple(f), int(b)) for c, f, b in result.events],
     )
 
@@ -68,7 +68,7 @@ def check_fits(frames: Sequence[bytes], result: Any) -> None:
             assert len(packet) <= 1302  # Ethernet + 2 tags + 1280-byte IPv6 answer
         else:
             assert len(packet) - 40 <= longest
-    for _vip, _flow, f in result.misses:
+    for _vip, _flow, f, _kind in result.misses:
         assert len(f) in {len(x) for x in frames}
 
 
@@ -84,6 +84,12 @@ def one_input(data: bytes) -> None:
         check_fits(frames, got)
         want = py.process(frames, now, statuses)
         assert normal(got) == normal(want), (frames, statuses, now)
+        # The same frames tunnelled by forward_to (queued ICMP errors): same bytes, no state.
+        flows = len(py)
+        got = c.forward_to(frames, 1 + step % 3)
+        check_fits(frames, got)
+        assert normal(got) == normal(py.forward_to(frames, 1 + step % 3)), (frames, "forward_to")
+        assert len(c) == len(py) == flows
     c_counters = c.counters()
     assert {k: c_counters[k] for k in py.counters()} == py.counters()
     assert c.expire(T0 + 10**9, 1 << 20) == py.expire(T0 + 10**9, 1 << 20)

@@ -345,7 +345,7 @@ def normal(result: Any) -> tuple[Any, ...]:
     return (
         bytes(result.verdicts),
         [(int(b), bytes(p)) for b, p in result.tx],
-        [(int(v), tuple(f), bytes(fr)) for v, f, fr in result.misses],
+        [(int(v), tuple(f), bytes(fr), int(k)) for v, f, fr, k in result.misses],
         [(int(c), tuple(f), int(b)) for c, f, b in result.events],
     )
 

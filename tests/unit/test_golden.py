@@ -25,6 +25,8 @@ from forwarder.packet import (
     ETH_P_IPV6,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    MISS_ICMP,
+    MISS_PACKET,
     TCP_SYN,
     eth,
     frame,
@@ -97,15 +99,23 @@ def check_items(what: str, got: Sequence[tuple[Any, ...]], want: Sequence[tuple[
                 assert int(a) == int(b), f"{what}[{i}][{j}]: got {a!r} want {b!r}"
 
 
+def run_frames(engine: Any, step: Process, frames: list[bytes], statuses: list[int] | None) -> Any:
+    """`process` the frames as `step` says, or `forward_to` them when the step is one."""
+    if step.forward_to is not None:
+        assert statuses is None, "forward_to takes no statuses"
+        return engine.forward_to(frames, step.forward_to)
+    return engine.process(frames, step.now_ms, statuses)
+
+
 def run_step(engine: Any, step: Step, tally: Counter[int], where: str) -> Any:
     if isinstance(step, Call):
-        got = getattr(engine, step.method)(*step.args)
+        got = getattr(engine, step.method)(*step.args, **step.kwargs)
         if isinstance(step.returns, list):
             got = [tuple(x) for x in got]
         assert got == step.returns, f"{where}: {step.method}{step.args!r}"
         return got
     statuses = list(step.statuses) if step.statuses is not None else None
-    result = engine.process(list(step.frames), step.now_ms, statuses)
+    result = run_frames(engine, step, list(step.frames), statuses)
     verdicts = bytes(result.verdicts)
     assert names(verdicts) == names(step.verdicts), where
     check_items(f"{where} tx", result.tx, step.tx)
@@ -174,7 +184,8 @@ def test_golden_truncated(engine_cls: Any, case: GoldenCase) -> None:
         run_step(engine, step, tally, f"setup[{i}]")
     flows = len(engine)
     short = [full[:n] for n in range(min(end, len(full)))]
-    result = engine.process(short, case.now_ms, [case.status] * len(short))
+    statuses = None if case.main.forward_to is not None else [case.status] * len(short)
+    result = run_frames(engine, case.main, short, statuses)
     bad = [(n, v) for n, v in enumerate(bytes(result.verdicts)) if not is_drop_or_pass(v)]
     assert not bad, f"truncated lengths with a non-DROP/PASS verdict: {bad[:5]}"
     assert not result.tx and not result.misses and not result.events
@@ -183,7 +194,8 @@ def test_golden_truncated(engine_cls: Any, case: GoldenCase) -> None:
         engine = golden_engine(engine_cls)
         for step in case.setup:
             run_step(engine, step, Counter(), "setup")
-        v = bytes(engine.process([full[:n]], case.now_ms, [case.status]).verdicts)[0]
+        status = None if case.main.forward_to is not None else [case.status]
+        v = bytes(run_frames(engine, case.main, [full[:n]], status).verdicts)[0]
         if is_drop_or_pass(case.expected_verdict):
             assert is_drop_or_pass(v), n
         else:
@@ -230,8 +242,9 @@ def check_invariants(frames: list[bytes], result: Any) -> None:
         assert struct.unpack_from("!H", packet, 4)[0] == len(packet) - 40
         assert len(packet) - 40 <= max(len(f) for f in frames)
     lengths = {len(f) for f in frames}
-    for _vip, _flow, f in result.misses:
+    for _vip, _flow, f, kind in result.misses:
         assert len(f) in lengths
+        assert kind in (MISS_PACKET, MISS_ICMP)
 
 
 @FUZZ
@@ -321,6 +334,7 @@ def test_result_fields_and_counter_names(engine_cls: Any) -> None:
     )
     counters = engine.counters()
     expected = {v.name.lower() for v in Verdict} | {"flows", "capacity", "evicted", "expired"}
+    expected.add("forward_to")
     assert expected <= set(counters)
     assert len(engine) == 0
 
@@ -392,6 +406,8 @@ FLOW = (IPPROTO_TCP, b"\x01\x02\x03\x04", 1000, VIP4, 80)
         ("install", ((IPPROTO_TCP, b"\x01\x02\x03\x04", 1000, VIP4, 81), 1, T0)),  # no VIP
         ("install", ((IPPROTO_UDP, b"\x01\x02\x03\x04", 1000, VIP6, 53), 1, T0)),  # mixed families
         ("expire", (T0, -1)),
+        ("forward_to", ([], -2)),
+        ("forward_to", ([], 0xFFFF)),
     ],
     ids=repr,
 )
@@ -431,7 +447,7 @@ def normalised(result: Any) -> tuple[Any, ...]:
     return (
         bytes(result.verdicts),
         [(int(d), bytes(p)) for d, p in result.tx],
-        [(int(v), tuple(fl), bytes(f)) for v, fl, f in result.misses],
+        [(int(v), tuple(fl), bytes(f), int(k)) for v, fl, f, k in result.misses],
         [(int(e), tuple(fl), int(b)) for e, fl, b in result.events],
     )
 
