@@ -238,9 +238,13 @@ class ClusterClient:
     def _dial_idle_masters(self) -> None:
         """Start connecting to masters without a live connection (new ones after a failover),
         so that the next batch does not pay the connect (with TLS, the handshake) inside its
-        deadline."""
+        deadline; with replica reads, to their replicas as well (ready before a master
+        fails)."""
         now = self._loop.time()
-        for node in self._masters:
+        nodes = self._masters
+        if self.config.read_from_replicas is ReplicaReads.ON_FAILURE:
+            nodes = [*nodes, *(r for m in nodes for r in m.replicas)]
+        for node in nodes:
             idle = node.conn is None or not node.conn.alive
             if idle and node.dial is None and now >= node.retry_at:
                 node.dial = self._loop.create_task(self._dial(node))
@@ -272,6 +276,7 @@ class ClusterClient:
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed and len(failed) == len(results):
             raise StoreUnavailable(f"no master reachable: {failed[0]}") from None
+        self._dial_idle_masters()  # replicas, in the background
 
     async def _conn(self, node: _Node, deadline_at: float) -> RespConnection:
         conn = node.conn
