@@ -21,7 +21,6 @@ from tests.e2e.conftest import require_netns
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-COMMAND = (sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "fastpath", "--json")
 PEERS = {"kernel", "c", "python", "c_2workers"}  # the --quick peers
 SIZES = {"64", "1400"}
 STATS = {"median", "min", "max", "samples"}
@@ -40,19 +39,24 @@ def numbers(node: Any, path: str = "") -> list[tuple[str, float]]:
     raise AssertionError(f"{path}: unexpected JSON value {node!r}")
 
 
-def test_fastpath_benchmark_runs_and_reports_positive_rates() -> None:
-    require_netns()
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to build benchmarks/pktgen.c")
+def run_benchmarks(*args: str) -> tuple[Any, str]:
+    """`python -m benchmarks run --quick --json ARGS` in the repository: (its JSON, its stderr)."""
     proc = subprocess.run(
-        [*COMMAND, "--seconds", "0.3", "--rounds", "1"],
+        [sys.executable, "-m", "benchmarks", "run", "--quick", "--json", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=170,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    doc = json.loads(proc.stdout)
+    return json.loads(proc.stdout), proc.stderr
+
+
+def test_fastpath_benchmark_runs_and_reports_positive_rates() -> None:
+    require_netns()
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build benchmarks/pktgen.c")
+    doc, stderr = run_benchmarks("--only", "fastpath", "--seconds", "0.3", "--rounds", "1")
     assert set(doc) == {"fastpath"}
     fp = doc["fastpath"]
     for key in ("pps", "saturation_pps", "generator_pps"):
@@ -76,4 +80,4 @@ def test_fastpath_benchmark_runs_and_reports_positive_rates() -> None:
     saturated = numbers({"saturation_pps": fp["saturation_pps"]})
     assert saturated and all(value >= 0 for _, value in saturated)
     # The progress lines (one per step, with an ETA) go to stderr.
-    assert "ETA" in proc.stderr
+    assert "ETA" in stderr

@@ -6,21 +6,14 @@ No timing is asserted: only that every figure is there and positive.
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import require_netns
-from tests.e2e.test_benchmarks_smoke import numbers
+from tests.e2e.test_benchmarks_smoke import numbers, run_benchmarks
 
 pytestmark = pytest.mark.e2e
-
-REPO = Path(__file__).resolve().parents[2]
-COMMAND = (sys.executable, "-m", "benchmarks", "run", "--quick", "--json")
 
 
 def test_recovery_and_latency_benchmarks_report_positive_figures() -> None:
@@ -28,15 +21,7 @@ def test_recovery_and_latency_benchmarks_report_positive_figures() -> None:
     for tool in ("gcc", "redis-server", "redis-cli"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is needed by the recovery and latency benchmarks")
-    proc = subprocess.run(
-        [*COMMAND, "--only", "recovery,latency", "--seconds", "0.1", "--rounds", "1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    doc = json.loads(proc.stdout)
+    doc, stderr = run_benchmarks("--only", "recovery,latency", "--seconds", "0.1", "--rounds", "1")
     assert set(doc) == {"recovery", "latency"}
     rec, lat = doc["recovery"], doc["latency"]
     for key in ("recovery_p50_us", "recovery_p99_us", "store_get_p50_us", "store_get_p99_us"):
@@ -53,4 +38,4 @@ def test_recovery_and_latency_benchmarks_report_positive_figures() -> None:
     assert len(found) > 30
     bad = [(path, value) for path, value in found if not value > 0]
     assert not bad, f"non-positive measurements: {bad}"
-    assert "ETA" in proc.stderr
+    assert "ETA" in stderr
