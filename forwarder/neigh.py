@@ -10,6 +10,16 @@ NTF_USE, the netlink twin of `ip neigh replace ADDR dev IF use`: the kernel reso
 re-confirms the entry as if it had a packet to send). A STALE entry is still used meanwhile;
 the others are reported unresolved for this round.
 
+A host that does not forward (`net.ipv6.conf.all.forwarding=0`) also skips, in its route
+lookups, a route whose gateway's entry is FAILED, and falls back to a less specific route (the
+default route through the uplink, say) until the kernel re-probes that gateway itself, at most
+every `router_probe_interval` (60 s), or its neighbour GC drops the entry. So when some entry is
+unusable, the routes are dumped too: the unusable gateways of routes better than the one the
+kernel chose for a backend (more specific, or a lower metric) are probed on every refresh, and
+the backend's `Link.bypassed` names the best of them until the kernel takes that route again
+(the cache refreshes at `retry_s` meanwhile), so that a link that comes back is used again at
+once instead of a minute later.
+
 The I/O is sans-IO: `_resolve_steps` yields batches of netlink requests and takes the replies,
 and two small drivers run it on a blocking socket (`resolve_links_sync`) or on the event loop
 (`resolve_links`).
@@ -19,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import ipaddress
@@ -64,6 +75,9 @@ class Link:
     """The gateway's address, or the backend's own when it is on link (kept when unresolved)."""
     reason: str = ""
     """Why the link is unresolved ("" when resolved), e.g. "neighbour INCOMPLETE"."""
+    bypassed: bytes = b""
+    """The gateway of a better route the kernel passed over because its neighbour entry is
+    unusable (FAILED: the link or the gateway was down), probed on every refresh; b"" if none."""
 
     @property
     def resolved(self) -> bool:
@@ -79,7 +93,8 @@ NLM_F_REPLACE, NLM_F_CREATE, NLM_F_DUMP = 0x100, 0x400, 0x300
 RTM_NEWLINK, RTM_GETLINK = 16, 18
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
 RTM_NEWNEIGH, RTM_GETNEIGH = 28, 30
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_METRICS, RTA_VIA = 1, 4, 5, 8, 18
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_METRICS, RTA_MULTIPATH = 1, 4, 5, 6, 8, 9
+RTA_TABLE, RTA_VIA = 15, 18
 RTAX_MTU = 2
 RTN_UNICAST, RTN_LOCAL = 1, 2
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_EXT_MASK = 1, 3, 4, 29
@@ -107,6 +122,7 @@ _RTATTR = struct.Struct("=HH")  # len, type
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, proto, scope, type
 _NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+_RTNEXTHOP = struct.Struct("=HBBi")  # len, flags, hops, ifindex
 _U32 = struct.Struct("=I")
 #: Requests per datagram: their replies (~1 KiB of socket buffer each) must fit the default
 #: receive buffer, or the kernel drops them (ENOBUFS).
@@ -263,6 +279,11 @@ def _neigh_dump() -> _Request:
     )
 
 
+def _route_dump() -> _Request:
+    body = _RTMSG.pack(socket.AF_INET6, 0, 0, 0, 0, 0, 0, 0, 0)
+    return _Request(RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, body)
+
+
 def _neigh_probe(ifindex: int, address: bytes) -> _Request:
     """`ip -6 neigh replace ADDR dev IF use`: create the entry if needed and resolve it now."""
     body = _NDMSG.pack(socket.AF_INET6, ifindex, 0, NTF_USE, 0) + _attr(NDA_DST, address)
@@ -275,6 +296,13 @@ class _Route:
     ifindex: int
     next_hop: bytes
     mtu: int  # 0: none on the route
+    table: int = 0  # the routing table the kernel's answer came from
+
+
+def _table(payload: bytes, attrs: dict[int, bytes]) -> int:
+    if len(attrs.get(RTA_TABLE, b"")) == 4:
+        return int(_U32.unpack(attrs[RTA_TABLE])[0])
+    return int(_RTMSG.unpack_from(payload)[4])
 
 
 def _parse_route(reply: _Reply, address: bytes) -> _Route | str:
@@ -295,8 +323,100 @@ def _parse_route(reply: _Reply, address: bytes) -> _Route | str:
             return "route has no output interface"
         metrics = _attrs(attrs.get(RTA_METRICS, b""), 0)
         mtu = _U32.unpack(metrics[RTAX_MTU])[0] if len(metrics.get(RTAX_MTU, b"")) == 4 else 0
-        return _Route(_U32.unpack(attrs[RTA_OIF])[0], attrs.get(RTA_GATEWAY, address), mtu)
+        oif = _U32.unpack(attrs[RTA_OIF])[0]
+        return _Route(oif, attrs.get(RTA_GATEWAY, address), mtu, _table(payload, attrs))
     return "no route in the kernel's answer"
+
+
+@dataclass(frozen=True, slots=True)
+class _FibRoute:
+    """A unicast IPv6 route of the routing tables (a route dump's entry)."""
+
+    table: int
+    dst: int  # the prefix, as an integer
+    dst_len: int
+    metric: int
+    next_hops: tuple[tuple[int, bytes], ...]  # (ifindex, gateway or b"" when on link)
+
+    def covers(self, address: bytes) -> bool:
+        shift = 128 - self.dst_len
+        return int.from_bytes(address, "big") >> shift == self.dst >> shift
+
+    def better_than(self, other: _FibRoute) -> bool:
+        """Preferred by the kernel's lookup when both are usable (longest prefix, then metric)."""
+        return (self.dst_len, -self.metric) > (other.dst_len, -other.metric)
+
+
+def _parse_next_hops(attrs: dict[int, bytes]) -> tuple[tuple[int, bytes], ...]:
+    if RTA_MULTIPATH not in attrs:
+        if len(attrs.get(RTA_OIF, b"")) != 4:
+            return ()
+        return ((_U32.unpack(attrs[RTA_OIF])[0], attrs.get(RTA_GATEWAY, b"")),)
+    hops = []
+    data, offset = attrs[RTA_MULTIPATH], 0
+    while offset + _RTNEXTHOP.size <= len(data):
+        length, _flags, _hops, ifindex = _RTNEXTHOP.unpack_from(data, offset)
+        if length < _RTNEXTHOP.size or offset + length > len(data):
+            break
+        nested = _attrs(data[offset : offset + length], _RTNEXTHOP.size)
+        hops.append((ifindex, nested.get(RTA_GATEWAY, b"")))
+        offset += (length + 3) & ~3
+    return tuple(hops)
+
+
+def _parse_fib(reply: _Reply) -> list[_FibRoute]:
+    """The unicast routes of an IPv6 route dump (source-specific ones left out)."""
+    if reply.error:
+        raise OSError(reply.error, f"route dump: {os.strerror(reply.error)}")
+    routes = []
+    for kind, payload in reply.messages:
+        if kind != RTM_NEWROUTE or len(payload) < _RTMSG.size:
+            continue
+        family, dst_len, src_len = _RTMSG.unpack_from(payload)[:3]
+        route_type = _RTMSG.unpack_from(payload)[7]
+        if family != socket.AF_INET6 or route_type != RTN_UNICAST or src_len or dst_len > 128:
+            continue
+        attrs = _attrs(payload, _RTMSG.size)
+        dst = attrs.get(RTA_DST, bytes(16))
+        metric = (
+            _U32.unpack(attrs[RTA_PRIORITY])[0] if len(attrs.get(RTA_PRIORITY, b"")) == 4 else 0
+        )
+        hops = _parse_next_hops(attrs)
+        if len(dst) == 16 and hops:
+            prefix = int.from_bytes(dst, "big")
+            routes.append(_FibRoute(_table(payload, attrs), prefix, dst_len, metric, hops))
+    return routes
+
+
+def _bypassed(
+    address: bytes,
+    route: _Route,
+    fib: list[_FibRoute],
+    unusable: set[tuple[int, bytes]],
+) -> list[tuple[int, bytes]]:
+    """The unusable gateways of the routes better than the one the kernel chose for `address`,
+    best route first: those the kernel's lookup skipped (a host that does not forward passes
+    over a route whose gateway's neighbour entry is FAILED)."""
+    covering = [f for f in fib if f.table == route.table and f.covers(address)]
+
+    def chosen(f: _FibRoute) -> bool:
+        return any(
+            oif == route.ifindex and (gw or address) == route.next_hop for oif, gw in f.next_hops
+        )
+
+    taken = [f for f in covering if chosen(f)]
+    if not taken:  # the routes changed since the lookup: next refresh
+        return []
+    best = max(taken, key=lambda f: (f.dst_len, -f.metric))
+    skipped = sorted(
+        (f for f in covering if f.better_than(best)), key=lambda f: (-f.dst_len, f.metric)
+    )
+    found: list[tuple[int, bytes]] = []
+    for f in skipped:
+        for hop in f.next_hops:
+            if hop[1] and hop in unusable and hop not in found:
+                found.append(hop)
+    return found
 
 
 def _parse_link(reply: _Reply) -> tuple[str, bytes, int] | str:
@@ -341,7 +461,8 @@ _Steps = Generator[list[_Request], list[_Reply], dict[bytes, Link]]
 
 
 def _resolve_steps(addresses: Sequence[bytes], probe: bool) -> _Steps:
-    """Route lookups, then links and neighbours, then probes; returns every address's Link."""
+    """Route lookups, then links and neighbours, then the routes if a neighbour entry is
+    unusable, then probes; returns every address's Link."""
     if not addresses:
         return {}
     route_replies = yield [_route_get(a) for a in addresses]
@@ -376,6 +497,21 @@ def _resolve_steps(addresses: Sequence[bytes], probe: bool) -> _Steps:
             else:
                 what = f"{_state_name(state)} without a link-layer address"
             links[address] = Link(next_hop=route.next_hop, reason=f"neighbour {what}")
+
+    # A better route whose gateway's entry is unusable may have been skipped: find those
+    # gateways (only if there is such an entry besides the next hops in use, probed above).
+    chosen = {(r.ifindex, r.next_hop): r for r in routes.values() if isinstance(r, _Route)}
+    unusable = {key for key, (state, _) in neighbours.items() if not state & NUD_VALID}
+    if unusable - set(chosen):
+        [fib_reply] = yield [_route_dump()]
+        fib = _parse_fib(fib_reply)
+        for address, route in routes.items():
+            if not isinstance(route, _Route):
+                continue
+            skipped = _bypassed(address, route, fib, unusable)
+            if skipped:
+                links[address] = dataclasses.replace(links[address], bypassed=skipped[0][1])
+                to_probe.update(skipped)
     if probe and to_probe:
         probe_replies = yield [_neigh_probe(i, a) for i, a in sorted(to_probe)]
         for (ifindex, target), reply in zip(sorted(to_probe), probe_replies, strict=True):
@@ -494,11 +630,22 @@ class NeighbourCache:
             self._wake.set()
 
     def next_refresh_s(self) -> float:
-        unresolved = any(not link.resolved for link in self._links.values())
-        return self.retry_s if unresolved else self.refresh_s
+        """`retry_s` while a backend is unresolved or routed around an unusable gateway (its
+        probe is usually answered in milliseconds once the gateway is back), else `refresh_s`."""
+        degraded = any(not link.resolved or link.bypassed for link in self._links.values())
+        return self.retry_s if degraded else self.refresh_s
 
     def _apply(self, links: dict[bytes, Link]) -> dict[bytes, Link]:
         changed = {a: link for a, link in links.items() if self._links.get(a) != link}
+        for address, link in changed.items():
+            before = self._links.get(address)
+            if link.bypassed and (before is None or before.bypassed != link.bypassed):
+                log.warning(
+                    "backend %s: the kernel routes around gateway %s (neighbour unusable): "
+                    "probing it on every refresh",
+                    ipaddress.IPv6Address(address),
+                    ipaddress.IPv6Address(link.bypassed),
+                )
         self._links.update(changed)
         return changed
 

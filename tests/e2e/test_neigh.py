@@ -309,6 +309,73 @@ def test_cache_reports_changes_only(lab: Lab) -> None:
         assert cache.link(DIRECT) is None
 
 
+def test_returns_to_a_route_whose_gateway_was_cut(lab: Lab) -> None:
+    """The lab's pop-cut fault in small: a backend behind a gateway on f0 (be1), a default
+    route through the router on f1. While f0's link is down the gateway's entry turns FAILED
+    and the kernel (this host does not forward) answers with the default route; once the link
+    is back, its own route lookups keep passing the gateway over until it re-probes it itself
+    (`router_probe_interval`, 60 s) or its neighbour GC drops the entry. The cache probes the
+    skipped gateway and is back on it within a refresh or two."""
+    behind_be1 = "fd00:5::1"
+    ip("-n", lab.fwd, "-6", "route", "add", "default", "via", "fd00:2::2", "dev", "f1")
+    ip("-n", lab.fwd, "-6", "route", "add", f"{behind_be1}/128", "via", DIRECT, "dev", "f0")
+    # Solicitations 0.1 s apart: an unanswered entry is FAILED after 0.3 s instead of 3 s.
+    subprocess.run(
+        ["ip", "netns", "exec", lab.fwd, "sysctl", "-qw", "net.ipv6.neigh.f0.retrans_time_ms=100"],
+        check=True,
+    )
+    be1_mac, router_mac = mac(lab.be1, "b0"), mac(lab.rtr, "r0")
+    links = resolve_until(lab, [behind_be1], [behind_be1])
+    assert (links[packed(behind_be1)].dst_mac, links[packed(behind_be1)].bypassed) == (be1_mac, b"")
+
+    # f0 loses its carrier; be1 keeps its address (like the lab's fabric switch port going down)
+    subprocess.run(
+        ["ip", "netns", "exec", lab.be1, "sysctl", "-qw", "net.ipv6.conf.b0.keep_addr_on_down=1"],
+        check=True,
+    )
+    ip("-n", lab.be1, "link", "set", "b0", "down")
+    cache = NeighbourCache([behind_be1], refresh_s=5.0, retry_s=0.05)
+    deadline = time.monotonic() + 5.0
+    with inside(lab.fwd):
+        while True:
+            cache.refresh_sync()
+            link = cache.link(behind_be1)
+            assert link is not None
+            if link.resolved and link.ifname == "f1":
+                break
+            assert time.monotonic() < deadline, (link, ip("-n", lab.fwd, "-6", "neigh"))
+            time.sleep(0.05)
+    # Routed around the FAILED gateway, to the router: named, and refreshed at retry_s.
+    assert (link.dst_mac, link.next_hop, link.bypassed) == (
+        router_mac,
+        packed("fd00:2::2"),
+        packed(DIRECT),
+    )
+    assert cache.next_refresh_s() == 0.05
+    # That refresh probed the gateway again (INCOMPLETE): unanswered, FAILED after 0.3 s.
+    deadline = time.monotonic() + 3.0
+    while "FAILED" not in ip("-n", lab.fwd, "-6", "neigh", "show", DIRECT, "dev", "f0"):
+        assert time.monotonic() < deadline, ip("-n", lab.fwd, "-6", "neigh")
+        time.sleep(0.05)
+
+    ip("-n", lab.be1, "link", "set", "b0", "up")
+    wait_up(lab.be1, "b0")
+    wait_up(lab.fwd, "f0")
+    # Without the probe the kernel would keep answering f1 for tens of seconds.
+    deadline = time.monotonic() + 2.0
+    with inside(lab.fwd):
+        while True:
+            cache.refresh_sync()
+            link = cache.link(behind_be1)
+            assert link is not None
+            if link.ifname == "f0" and link.resolved:
+                break
+            assert time.monotonic() < deadline, (link, ip("-n", lab.fwd, "-6", "neigh"))
+            time.sleep(0.05)
+    assert (link.dst_mac, link.next_hop, link.bypassed) == (be1_mac, packed(DIRECT), b"")
+    assert cache.next_refresh_s() == 5.0
+
+
 def test_interface_info_matches_ip_link(lab: Lab) -> None:
     ip("-n", lab.fwd, "link", "set", "f1", "mtu", "9000")
     with inside(lab.fwd):

@@ -46,14 +46,43 @@ def neighbours(*entries: tuple[int, bytes, int, bytes]) -> _Reply:
     return _Reply(0, messages)
 
 
+def fib(*entries: tuple[str, int, list[tuple[int, bytes]]], table: int = 254) -> _Reply:
+    """A route dump: (prefix, metric, [(oif, gateway)]) per route; 2+ next hops: multipath."""
+    messages = []
+    for prefix, metric, hops in entries:
+        net = ipaddress.IPv6Network(prefix)
+        body = struct.pack(
+            "=BBBBBBBBI", socket.AF_INET6, net.prefixlen, 0, 0, table, 3, 0, neigh.RTN_UNICAST, 0
+        )
+        if net.prefixlen:
+            body += _attr(neigh.RTA_DST, net.network_address.packed)
+        body += _attr(neigh.RTA_TABLE, struct.pack("=I", table))
+        body += _attr(neigh.RTA_PRIORITY, struct.pack("=I", metric))
+        if len(hops) == 1:
+            oif, gateway = hops[0]
+            body += _attr(neigh.RTA_OIF, struct.pack("=I", oif))
+            body += _attr(neigh.RTA_GATEWAY, gateway) if gateway else b""
+        else:
+            nexthops = b""
+            for oif, gateway in hops:
+                nested = _attr(neigh.RTA_GATEWAY, gateway) if gateway else b""
+                nexthops += struct.pack("=HBBi", 8 + len(nested), 0, 0, oif) + nested
+            body += _attr(neigh.RTA_MULTIPATH, nexthops)
+        messages.append((neigh.RTM_NEWROUTE, body))
+    return _Reply(0, messages)
+
+
 def drive(
     addresses: list[bytes],
     routes: list[_Reply],
     links: dict[int, _Reply],
     table: _Reply,
     probe: bool = True,
+    routing: _Reply | None = None,
 ) -> tuple[dict[bytes, Link], list[tuple[int, bytes]]]:
-    """Run the steps; returns the links and the (ifindex, address) of each probe asked for."""
+    """Run the steps; returns the links and the (ifindex, address) of each probe asked for.
+
+    `routing` answers a route dump, which must be asked for if and only if it is given."""
     steps = _resolve_steps(addresses, probe)
     assert [r.kind for r in next(steps)] == [neigh.RTM_GETROUTE] * len(addresses)
     requests = steps.send(routes)
@@ -62,6 +91,9 @@ def drive(
     probes: list[tuple[int, bytes]] = []
     try:
         requests = steps.send([links[i] for i in asked] + [table])
+        if routing is not None:
+            assert [(r.kind, r.is_dump) for r in requests] == [(neigh.RTM_GETROUTE, True)]
+            requests = steps.send([routing])
         for r in requests:
             assert r.kind == neigh.RTM_NEWNEIGH and r.flags & neigh.NLM_F_ACK
             family, ifindex, _state, flags, _type = struct.unpack_from("=BxxxiHBB", r.body)
@@ -128,6 +160,115 @@ def test_probes_are_deduplicated_per_next_hop() -> None:
         neighbours(),
     )
     assert probes == [(3, GATEWAY)]
+
+
+UPLINK_GW = ipaddress.IPv6Address("fd00:2::1").packed
+FABRIC_GW = ipaddress.IPv6Address("fd00:4::21").packed
+OTHER_GW = ipaddress.IPv6Address("fd00:4::22").packed
+ELSEWHERE_GW = ipaddress.IPv6Address("fd00:4::99").packed
+
+
+def test_a_route_skipped_for_its_failed_gateway_is_probed() -> None:
+    """The pop-cut bug: the kernel of a host that does not forward passes over the backend's
+    route whose gateway is FAILED and answers with the default route; the cache follows it,
+    names the skipped gateway and probes it (else nothing would for up to a minute)."""
+    table = neighbours(
+        (2, UPLINK_GW, neigh.NUD_REACHABLE, GW_MAC), (3, FABRIC_GW, neigh.NUD_FAILED, b"")
+    )
+    routing = fib(
+        ("::/0", 1024, [(2, UPLINK_GW)]),
+        ("fd00:2::/64", 256, [(2, b"")]),
+        ("fd00:3::/64", 1024, [(3, FABRIC_GW)]),
+        ("fd00:3::2/128", 1024, [(3, FABRIC_GW)]),
+    )
+    links, probes = drive([BEHIND], [route(2, gateway=UPLINK_GW)], LINKS, table, routing=routing)
+    assert links[BEHIND] == Link(2, "f0", F0_MAC, GW_MAC, 1500, UPLINK_GW, bypassed=FABRIC_GW)
+    assert probes == [(3, FABRIC_GW)]
+
+    # Once the gateway answers, the kernel takes the better route again: nothing skipped.
+    table = neighbours(
+        (2, UPLINK_GW, neigh.NUD_REACHABLE, GW_MAC), (3, FABRIC_GW, neigh.NUD_REACHABLE, BE_MAC)
+    )
+    links, probes = drive([BEHIND], [route(3, gateway=FABRIC_GW)], LINKS, table)
+    assert links[BEHIND] == Link(3, "f1", F1_MAC, BE_MAC, 9000, FABRIC_GW)
+    assert probes == []
+
+
+def test_skipped_routes_best_first_and_multipath() -> None:
+    """A lower metric on the same prefix is better too; every unusable next hop of every
+    better route is probed, the best route's first is named."""
+    table = neighbours(
+        (2, UPLINK_GW, neigh.NUD_REACHABLE, GW_MAC),
+        (3, FABRIC_GW, neigh.NUD_FAILED, b""),
+        (3, OTHER_GW, neigh.NUD_INCOMPLETE, b""),
+        (3, GATEWAY, neigh.NUD_FAILED, b""),
+        (3, ELSEWHERE_GW, neigh.NUD_FAILED, b""),
+    )
+    routing = fib(
+        ("fd00:3::/64", 100, [(3, GATEWAY)]),
+        ("fd00:3::/64", 200, [(2, UPLINK_GW)]),
+        ("fd00:3::/120", 50, [(3, FABRIC_GW), (3, OTHER_GW)]),
+        ("fd00:3::100/120", 1, [(3, ELSEWHERE_GW)]),  # does not cover the backend
+    )
+    links, probes = drive([BEHIND], [route(2, gateway=UPLINK_GW)], LINKS, table, routing=routing)
+    assert links[BEHIND].resolved and links[BEHIND].bypassed == FABRIC_GW
+    assert sorted(probes) == sorted([(3, FABRIC_GW), (3, OTHER_GW), (3, GATEWAY)])
+
+
+def test_a_worse_route_with_a_dead_gateway_is_left_alone() -> None:
+    """A FAILED gateway of a less specific (or costlier) route than the one taken is no
+    detour: not probed, and the backend is not marked (which would refresh it at retry_s)."""
+    table = neighbours(
+        (2, UPLINK_GW, neigh.NUD_FAILED, b""),
+        (3, FABRIC_GW, neigh.NUD_REACHABLE, BE_MAC),
+        (3, OTHER_GW, neigh.NUD_FAILED, b""),
+    )
+    routing = fib(
+        ("::/0", 1024, [(2, UPLINK_GW)]),
+        ("fd00:3::2/128", 1024, [(3, FABRIC_GW)]),
+        ("fd00:3::2/128", 2048, [(3, OTHER_GW)]),
+    )
+    # A better route in another table: not the table the kernel's answer came from (254).
+    routing.messages += fib(("fd00:3::2/128", 1, [(3, OTHER_GW)]), table=100).messages
+    links, probes = drive([BEHIND], [route(3, gateway=FABRIC_GW)], LINKS, table, routing=routing)
+    assert links[BEHIND] == Link(3, "f1", F1_MAC, BE_MAC, 9000, FABRIC_GW)
+    assert probes == []
+
+
+def test_routes_changed_since_the_lookup() -> None:
+    """The taken route is not in the dump (it changed meanwhile): nothing is inferred."""
+    table = neighbours(
+        (2, UPLINK_GW, neigh.NUD_REACHABLE, GW_MAC), (3, FABRIC_GW, neigh.NUD_FAILED, b"")
+    )
+    routing = fib(("fd00:3::2/128", 1024, [(3, FABRIC_GW)]))
+    links, probes = drive([BEHIND], [route(2, gateway=UPLINK_GW)], LINKS, table, routing=routing)
+    assert links[BEHIND].resolved and not links[BEHIND].bypassed
+    assert probes == []
+
+
+def test_route_dump_failure_is_an_error() -> None:
+    table = neighbours(
+        (2, UPLINK_GW, neigh.NUD_REACHABLE, GW_MAC), (3, FABRIC_GW, neigh.NUD_FAILED, b"")
+    )
+    with pytest.raises(OSError):
+        drive(
+            [BEHIND],
+            [route(2, gateway=UPLINK_GW)],
+            LINKS,
+            table,
+            routing=_Reply(errno.EPERM, []),
+        )
+
+
+def test_cache_refreshes_fast_while_routed_around_a_gateway() -> None:
+    cache = neigh.NeighbourCache([BEHIND], refresh_s=5.0, retry_s=0.5)
+    good = Link(2, "f0", F0_MAC, GW_MAC, 1500, UPLINK_GW)
+    assert cache._apply({BEHIND: good}) == {BEHIND: good}
+    assert cache.next_refresh_s() == 5.0
+    detour = Link(2, "f0", F0_MAC, GW_MAC, 1500, UPLINK_GW, bypassed=FABRIC_GW)
+    assert cache._apply({BEHIND: detour}) == {BEHIND: detour}
+    assert cache.next_refresh_s() == 0.5
+    assert cache._apply({BEHIND: detour}) == {}
 
 
 def test_route_failures() -> None:
