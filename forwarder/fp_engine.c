@@ -232,6 +232,7 @@ static int maglev_backend(const fp_engine *E, uint8_t vip_id, uint64_t hash) {
 /* Table stage for a parsed packet of a configured service. Returns the verdict; FORWARD/NEW
  * also set *backend. */
 static int table_stage(fp_engine *E, fp_pkt *p, uint64_t now, PyObject *events, int *backend) {
+    fp_table_clock(E, now);
     fp_slot *s = fp_table_lookup(E, &p->key, p->hash64, now);
     if (p->is_icmp) {
         /* ICMP errors never create, refresh or close a flow. */
@@ -248,11 +249,11 @@ static int table_stage(fp_engine *E, fp_pkt *p, uint64_t now, PyObject *events, 
         fp_slot_seen(s, now);
         if (s->state == ST_ESTABLISHED) {
             if (is_tcp && (p->tcp_flags & (TCP_FIN | TCP_RST))) {
-                fp_slot_close(s, now, E->fin_linger_ms);
+                fp_slot_close(E, s, now, E->fin_linger_ms);
                 if (append_event(events, EV_CLOSE, s, s->backend_id) < 0)
                     return -1;
             } else {
-                s->expires_ms = now + idle;
+                fp_slot_set_expires(E, s, now + idle);
                 if (fp_slot_touch(s, now, E->touch_interval_ms)) {
                     if (append_event(events, EV_TOUCH, s, s->backend_id) < 0)
                         return -1;
@@ -277,7 +278,7 @@ static int table_stage(fp_engine *E, fp_pkt *p, uint64_t now, PyObject *events, 
             return -1;
         }
     }
-    fp_slot_fill(s, &p->key, (uint16_t)bid, now, idle, E->touch_interval_ms);
+    fp_slot_fill(E, s, &p->key, (uint16_t)bid, now, idle, E->touch_interval_ms);
     if (append_event(events, EV_NEW, s, bid) < 0)
         return -1;
     *backend = bid;
@@ -965,6 +966,7 @@ static PyObject *engine_install(FpEngineObject *self, PyObject *args, PyObject *
         return NULL;
     }
     uint64_t hash = fp_key_hash(&k);
+    fp_table_clock(E, (uint64_t)now);
     fp_slot *s = fp_table_lookup(E, &k, hash, (uint64_t)now);
     if (s == NULL) {
         fp_slot old;
@@ -972,8 +974,8 @@ static PyObject *engine_install(FpEngineObject *self, PyObject *args, PyObject *
         /* An eviction here has no batch to report it in: it is only counted. */
         s = fp_table_claim(E, &k, hash, (uint64_t)now, &old, &evicted);
     }
-    fp_slot_fill(s, &k, (uint16_t)id, (uint64_t)now, k.proto == 6 ? E->tcp_idle_ms : E->udp_idle_ms,
-                 E->touch_interval_ms);
+    fp_slot_fill(E, s, &k, (uint16_t)id, (uint64_t)now,
+                 k.proto == 6 ? E->tcp_idle_ms : E->udp_idle_ms, E->touch_interval_ms);
     E->installs++;
     Py_RETURN_NONE;
 }
@@ -988,7 +990,7 @@ static PyObject *engine_lookup(FpEngineObject *self, PyObject *flow_o) {
     if (best == NULL)
         Py_RETURN_NONE;
     return Py_BuildValue("(iiK)", (int)best->backend_id, (int)best->state,
-                         (unsigned long long)best->expires_ms);
+                         (unsigned long long)fp_slot_expires(E, best));
 }
 
 static PyObject *engine_expire(FpEngineObject *self, PyObject *args, PyObject *kwds) {
@@ -1006,10 +1008,11 @@ static PyObject *engine_expire(FpEngineObject *self, PyObject *args, PyObject *k
         return NULL;
     if (budget > E->capacity)
         budget = E->capacity;
+    fp_table_clock(E, (uint64_t)now);
     for (long long i = 0; i < budget; i++) {
         fp_slot *s = &E->slots[E->hand];
         E->hand = E->hand + 1 == E->capacity ? 0 : E->hand + 1;
-        if (s->family == 0 || s->expires_ms > (uint64_t)now)
+        if (s->family == 0 || fp_slot_expires(E, s) > (uint64_t)now)
             continue;
         PyObject *flow = flow_tuple(s);
         if (flow == NULL || PyList_Append(out, flow) < 0) {

@@ -71,16 +71,18 @@ enum { FP_MISS_PACKET = 0, FP_MISS_ICMP = 1 }; /* last element of a `misses` ite
 #define FP_STATUS_CSUMNOTREADY 0x8u
 
 /* ---- flow table ----------------------------------------------------------------------------
- * A slot is 52 bytes (DATAPATH.md "Flow table", slot layout): the key (first 6 bytes + both
- * addresses, compared as five 64-bit words with the state bits masked out), backend_id, one
- * 32-bit time and the 64-bit expires_ms. last_seen is not stored for an ESTABLISHED slot: every
- * write of one sets expires = last_seen + idle(proto), so last_seen = expires - idle. `aux32`
- * holds the low 32 bits of touch_due_ms (ESTABLISHED; CLOSING never touches) or of last_seen
- * (CLOSING; its expires is fixed at close + linger). Both are compared as signed 32-bit
- * differences to now: every live slot's touch_due/last_seen is within max(idle, linger,
- * touch_interval) <= FP_MAX_TIMEOUT_MS of now, so the wrapped differences are exact.
+ * A slot is 48 bytes (DATAPATH.md "Flow table", slot layout): the key (first 6 bytes + both
+ * addresses, compared as five 64-bit words with the state bits masked out), backend_id and two
+ * 32-bit times.
+ * - exp32 = expires_ms - E->epoch: the engine keeps every stored expiry within [epoch, epoch +
+ *   2**32) and now within [epoch, epoch + 2**31) (fp_table_clock), so expiry stays exact.
+ * - last_seen is not stored for an ESTABLISHED slot: every write of one sets expires = last_seen
+ *   + idle(proto), so last_seen = expires - idle. aux32 holds the low 32 bits of touch_due_ms
+ *   (ESTABLISHED; CLOSING never touches) or of last_seen (CLOSING; its expires is fixed at
+ *   close + linger). Both are compared as signed 32-bit differences to now: a live slot's
+ *   touch_due/last_seen is within max(idle, linger, touch_interval) <= FP_MAX_TIMEOUT_MS of now.
  */
-typedef struct __attribute__((packed, aligned(4))) fp_slot {
+typedef struct fp_slot {
     uint16_t client_port; /* host order */
     uint16_t vip_port;
     uint8_t proto; /* 6 or 17 */
@@ -94,11 +96,11 @@ typedef struct __attribute__((packed, aligned(4))) fp_slot {
     uint16_t backend_id;
     uint8_t client_ip[16]; /* IPv4: 4 bytes then zeros */
     uint8_t vip_ip[16];
-    uint32_t aux32;      /* touch_due (ESTABLISHED) or last_seen (CLOSING), low 32 bits */
-    uint64_t expires_ms; /* unaligned (offset 44): read as a packed member */
+    uint32_t aux32; /* touch_due (ESTABLISHED) or last_seen (CLOSING), low 32 bits */
+    uint32_t exp32; /* expires_ms - epoch */
 } fp_slot;
 
-_Static_assert(sizeof(fp_slot) == 52, "a flow table slot is 52 bytes (DATAPATH.md)");
+_Static_assert(sizeof(fp_slot) == 48, "a flow table slot is 48 bytes (DATAPATH.md)");
 _Static_assert(offsetof(fp_slot, client_ip) == 8, "key word 0 is the first 8 bytes");
 _Static_assert(offsetof(fp_slot, aux32) == 40, "key and backend_id are the first 40 bytes");
 
@@ -167,6 +169,7 @@ typedef struct fp_engine {
     uint32_t n_buckets;
     uint32_t hand; /* expire() clock hand */
     uint64_t n_flows;
+    uint64_t epoch; /* slots store expires_ms - epoch (fp_table_clock) */
 
     uint8_t source_ipv6[16];
     uint32_t tcp_idle_ms, udp_idle_ms, fin_linger_ms, touch_interval_ms, tunnel_mtu;

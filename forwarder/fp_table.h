@@ -1,4 +1,4 @@
-/* The flow table: fixed memory, 52-byte slots in buckets of 8, two candidate buckets per flow,
+/* The flow table: fixed memory, 48-byte slots in buckets of 8, two candidate buckets per flow,
  * TTL + LRU eviction.
  *
  * DATAPATH.md "Flow table": a flow lives in bucket b1 = hash64 % n_buckets or b2 =
@@ -99,11 +99,49 @@ static inline fp_slot *fp_table_find(const fp_engine *E, const fp_key *k, uint64
     return NULL;
 }
 
+static inline uint64_t fp_slot_expires(const fp_engine *E, const fp_slot *s) {
+    return E->epoch + s->exp32;
+}
+
+/* `t` within [epoch, epoch + 2**32): any now + timeout after fp_table_clock(E, now). */
+static inline void fp_slot_set_expires(const fp_engine *E, fp_slot *s, uint64_t t) {
+    s->exp32 = (uint32_t)(t - E->epoch);
+}
+
+#define FP_EPOCH_SPAN (1ull << 31) /* now stays within [epoch, epoch + FP_EPOCH_SPAN) */
+#define FP_EPOCH_LEAD (1ull << 30) /* a new epoch is now - FP_EPOCH_LEAD (or 0) */
+
+/* Keep `now` within [epoch, epoch + 2**31), so that now + any timeout (< 2**31) fits the 32-bit
+ * exp32. Else move the epoch to max(0, now - 2**30) (DATAPATH.md clarification 7): slots whose
+ * expiry then falls outside [epoch, epoch + 2**32) are cleared without being reported (they
+ * expired at least 2**30 ms ago and were never swept, or lie 2**31 ms or more in the future of
+ * a clock that went back). One pass over the table every 2**30 ms (12.4 days) of a running
+ * clock. Called before the table is read with a new now: process (table stage), install and
+ * expire. */
+static inline void fp_table_clock(fp_engine *E, uint64_t now) {
+    if (now >= E->epoch && now - E->epoch < FP_EPOCH_SPAN)
+        return;
+    uint64_t epoch = now >= FP_EPOCH_LEAD ? now - FP_EPOCH_LEAD : 0;
+    for (uint32_t i = 0; i < E->capacity; i++) {
+        fp_slot *s = &E->slots[i];
+        if (s->family == 0)
+            continue;
+        uint64_t t = E->epoch + s->exp32;
+        if (t < epoch || t - epoch > UINT32_MAX) {
+            memset(s, 0, sizeof(*s));
+            E->n_flows--;
+        } else {
+            s->exp32 = (uint32_t)(t - epoch);
+        }
+    }
+    E->epoch = epoch;
+}
+
 /* The live slot holding `k`, or NULL. */
 static inline fp_slot *fp_table_lookup(const fp_engine *E, const fp_key *k, uint64_t hash,
                                        uint64_t now) {
     fp_slot *s = fp_table_find(E, k, hash);
-    return s != NULL && s->expires_ms > now ? s : NULL;
+    return s != NULL && fp_slot_expires(E, s) > now ? s : NULL;
 }
 
 static inline uint32_t fp_idle_ms(const fp_engine *E, uint8_t proto) {
@@ -115,7 +153,7 @@ static inline uint32_t fp_idle_ms(const fp_engine *E, uint8_t proto) {
 static inline int64_t fp_slot_age(const fp_engine *E, const fp_slot *s, uint64_t now) {
     if (s->state == ST_CLOSING)
         return (int32_t)((uint32_t)now - s->aux32);
-    return (int64_t)(now - (s->expires_ms - fp_idle_ms(E, s->proto)));
+    return (int64_t)(now - (fp_slot_expires(E, s) - fp_idle_ms(E, s->proto)));
 }
 
 /* A slot to write `k` into (DATAPATH.md clarification 5): the slot already holding `k`
@@ -135,7 +173,7 @@ static inline fp_slot *fp_table_claim(fp_engine *E, const fp_key *k, uint64_t ha
             fp_slot *s = &b[j][i];
             if (fp_key_eq(s, k))
                 return s;
-            if (s->family == 0 || s->expires_ms <= now) {
+            if (s->family == 0 || fp_slot_expires(E, s) <= now) {
                 if (first_free[j] == NULL)
                     first_free[j] = s;
                 n_free[j]++;
@@ -165,13 +203,14 @@ static inline fp_slot *fp_table_claim(fp_engine *E, const fp_key *k, uint64_t ha
     return oldest;
 }
 
-static inline void fp_slot_fill(fp_slot *s, const fp_key *k, uint16_t backend_id, uint64_t now,
-                                uint32_t idle_ms, uint32_t touch_interval_ms) {
+static inline void fp_slot_fill(const fp_engine *E, fp_slot *s, const fp_key *k,
+                                uint16_t backend_id, uint64_t now, uint32_t idle_ms,
+                                uint32_t touch_interval_ms) {
     memcpy(s, k, sizeof(*k));
     s->state = ST_ESTABLISHED;
     s->backend_id = backend_id;
     s->aux32 = (uint32_t)(now + touch_interval_ms);
-    s->expires_ms = now + idle_ms;
+    fp_slot_set_expires(E, s, now + idle_ms);
 }
 
 /* A TCP/UDP hit: last_seen = now (stored only for CLOSING slots, see fp_slot). */
@@ -181,9 +220,10 @@ static inline void fp_slot_seen(fp_slot *s, uint64_t now) {
 }
 
 /* FIN/RST on an ESTABLISHED slot seen now. */
-static inline void fp_slot_close(fp_slot *s, uint64_t now, uint32_t linger_ms) {
+static inline void fp_slot_close(const fp_engine *E, fp_slot *s, uint64_t now,
+                                 uint32_t linger_ms) {
     s->state = ST_CLOSING;
-    s->expires_ms = now + linger_ms;
+    fp_slot_set_expires(E, s, now + linger_ms);
     s->aux32 = (uint32_t)now;
 }
 

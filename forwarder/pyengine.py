@@ -59,6 +59,8 @@ _MAX_TABLE = 1 << 24
 #: Timeouts fit 31 bits (the C table keeps 32-bit `last_seen` ages exact with that bound).
 _MAX_TIMEOUT_MS = (1 << 31) - 1
 _MASK64 = (1 << 64) - 1
+#: The table epoch (`fp_table_clock`): now stays within [epoch, epoch + SPAN).
+_EPOCH_SPAN, _EPOCH_LEAD = 1 << 31, 1 << 30
 #: Largest IPv6 answer to a too-big IPv6 packet (RFC 4443 2.4c): 40 + 8 + quote.
 _ICMP6_MAX_QUOTE = IPV6_MIN_MTU - 40 - 8
 
@@ -221,6 +223,7 @@ class Engine:
         self._last_seen: list[int] = [0] * slots
         self._index: dict[FlowT, int] = {}
         self._hand = 0
+        self._epoch = 0  # the C slots store expires - epoch in 32 bits; see _clock
 
         self._verdict_counts = [0] * 256
         self._evicted = 0
@@ -360,6 +363,7 @@ class Engine:
             raise UsageError("install: the flow's (vip_ip, vip_port, proto) is not a VIP")
         if backend_id not in self._backends:
             raise UsageError(f"install: unknown backend_id {backend_id!r}")
+        self._clock(now_ms)
         self._insert(flow, flow_hash64(flow), backend_id, now_ms, None)
 
     def lookup(self, flow: FlowT) -> tuple[int, int, int] | None:
@@ -372,6 +376,7 @@ class Engine:
     def expire(self, now_ms: int, budget: int) -> list[FlowT]:
         """Move the clock hand over `min(budget, slots)` slots; clear and return expired flows."""
         _check_range("budget", budget, 0, 1 << 62)
+        self._clock(now_ms)
         keys, expires, index = self._keys, self._expires, self._index
         hand, slots = self._hand, self._slots
         cleared: list[FlowT] = []
@@ -408,6 +413,24 @@ class Engine:
             del self._index[key]
             self._keys[slot] = None
         return len(slots)
+
+    def _clock(self, now: int) -> None:
+        """The C table's epoch (DATAPATH.md clarification 7), whose moves clear slots.
+
+        Keeps `now` within [epoch, epoch + 2**31); else the epoch becomes max(0, now - 2**30)
+        and every slot whose expiry falls outside [epoch, epoch + 2**32) is cleared without
+        being reported. Called where the C engine calls `fp_table_clock`.
+        """
+        epoch = self._epoch
+        if epoch <= now < epoch + _EPOCH_SPAN:
+            return
+        epoch = max(0, now - _EPOCH_LEAD)
+        keys, expires, index = self._keys, self._expires, self._index
+        for slot, key in enumerate(keys):
+            if key is not None and not epoch <= expires[slot] <= epoch + 0xFFFFFFFF:
+                keys[slot] = None
+                del index[key]
+        self._epoch = epoch
 
     def _bucket_bases(self, hash64: int) -> tuple[int, ...]:
         """First slots of a flow's candidate buckets: b1, then b2 unless it is b1."""
@@ -617,6 +640,7 @@ class Engine:
         else:
             flow_start = flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 
+        self._clock(now)
         slot = self._index.get(flow)
         if slot is not None and self._expires[slot] > now:
             state = self._state[slot]
@@ -779,6 +803,7 @@ class Engine:
         forced = self._forced
         if forced is not None:
             return self._forward_forced(f, off, end, v4, tclass, hash64, forced, tx)
+        self._clock(now)
         slot = self._index.get(flow)
         if slot is not None and self._expires[slot] > now:
             backend_id = self._backend[slot]

@@ -1422,6 +1422,40 @@ def _table_cases() -> list[GoldenCase]:
             expired=3,
         ),
         *_two_choice_cases(),
+        *_epoch_cases(),
+    ]
+
+
+def _epoch_cases() -> list[GoldenCase]:
+    """The table epoch (DATAPATH.md clarification 7): now stays within [epoch, epoch + 2**31)."""
+    a, b, c, d = (flow4(p) for p in (40000, 40001, 40002, 40003))
+    late = (1 << 31) + 5  # 2**31 past epoch 0: the epoch becomes late - 2**30
+    far = (1 << 32) + 7  # epoch far - 2**30; back to T0: epoch 0
+    near = far - (1 << 30) + 1
+    return [
+        case(
+            "table epoch moves forward: a slot expired 2**30 ms before the new epoch is cleared "
+            "unreported, a live one keeps its exact expiry",
+            fwd_step(tcp4(40001), b, late, backend=3),
+            syn_step(tcp4(40000, S), a),
+            Call("install", (b, 3, late - 10)),
+            after=[
+                lookup(a, None),
+                lookup(b, (3, 1, late + TCP_IDLE)),
+                Call("expire", (late + 1, CAPACITY), []),
+            ],
+            flows=1,
+            expired=0,
+        ),
+        case(
+            "table epoch moves back with the clock: a slot expiring 2**32 ms or more after the "
+            "new epoch is cleared, the others keep their exact expiry",
+            miss_step(tcp4(40002), c, T0),
+            Call("install", (c, 3, far)),
+            Call("install", (d, 3, near)),
+            after=[lookup(c, None), lookup(d, (3, 1, near + TCP_IDLE))],
+            flows=1,
+        ),
     ]
 
 

@@ -113,9 +113,9 @@ def test_engine_hash_is_the_flow_hash(client: bytes, client_port: int, proto: in
 # --- layout and fixed memory ---------------------------------------------------------------------
 
 
-def test_slot_is_52_bytes() -> None:
-    assert CEngine.entry_size == 52
-    assert _fastpath.ENTRY_SIZE == 52
+def test_slot_is_48_bytes() -> None:
+    assert CEngine.entry_size == 48
+    assert _fastpath.ENTRY_SIZE == 48
 
 
 @pytest.mark.parametrize("capacity", [0, -1, _fastpath.MAX_CAPACITY + 1, 2**64])

@@ -339,10 +339,10 @@ def test_result_fields_and_counter_names(engine_cls: Any) -> None:
     assert len(engine) == 0
 
 
-def test_c_slot_is_52_bytes() -> None:
+def test_c_slot_is_48_bytes() -> None:
     if not c_engine_available():
         pytest.skip("forwarder._fastpath has no Engine yet")
-    assert load_engine("c").entry_size == 52  # DATAPATH.md "Flow table": the slot layout
+    assert load_engine("c").entry_size == 48  # DATAPATH.md "Flow table": the slot layout
 
 
 def test_capacity_rounds_up_to_buckets(engine_cls: Any) -> None:
