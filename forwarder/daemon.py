@@ -149,10 +149,10 @@ def become_user(config: ForwarderConfig, config_path: str | None) -> bool:
     return True
 
 
-def _can_become_user(config: ForwarderConfig) -> bool:
+def _can_become_user(config: ForwarderConfig, args_config: str | None) -> bool:
     """The supervisor's checks before it starts workers that would switch to `user`: whether
     they can, and the control socket's directory given to it (so that the first problem is
-    reported once, at start)."""
+    reported once, at start, not by each worker exiting in turn)."""
     from forwarder import privileges
 
     assert config.user is not None
@@ -164,7 +164,11 @@ def _can_become_user(config: ForwarderConfig) -> bool:
     except (LookupError, OSError) as exc:
         print(f"flowstate-forwarder: cannot run as user {config.user}: {exc}", file=sys.stderr)
         return False
-    return True
+    files = privileges.files_to_read(config, args_config)
+    problems = privileges.unreadable_as(identity, files)
+    for problem in problems:
+        print(f"flowstate-forwarder: user {identity.user} cannot read {problem}", file=sys.stderr)
+    return not problems
 
 
 def supervise(args: argparse.Namespace, config: ForwarderConfig) -> int:
@@ -312,7 +316,7 @@ def _run(args: argparse.Namespace, config: ForwarderConfig) -> int:
         if busy:
             print(f"flowstate-forwarder: {busy}", file=sys.stderr)
             return 1
-        if config.user is not None and not _can_become_user(config):
+        if config.user is not None and not _can_become_user(config, args.config):
             return 1
         return supervise(args, config)
     return run_worker(config, args.fanout_group, args.worker or 0, args.config, args.heartbeat_fd)

@@ -277,6 +277,30 @@ def unreadable(files: Sequence[tuple[str, Path]]) -> list[str]:
     return problems
 
 
+def unreadable_as(identity: Identity, files: Sequence[tuple[str, Path]]) -> list[str]:
+    """`unreadable(files)` as `identity`, asked in a forked child that switches (this process
+    keeps its ids): a supervisor's check before it starts workers that would only exit."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into the caller's code
+        code = 1
+        try:
+            os.close(r)
+            switch_user(identity)
+            os.write(w, "\n".join(unreadable(files)).encode())
+            code = 0
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.write(w, f"anything: it could not become the user ({exc})".encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        text = f.read().decode()
+    os.waitpid(pid, 0)
+    return [line for line in text.splitlines() if line]
+
+
 def preload(names: Sequence[str] = WORKER_MODULES) -> None:
     """Import `names` now (see WORKER_MODULES); an optional one that is missing is skipped."""
     for name in names:

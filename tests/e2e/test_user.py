@@ -197,20 +197,26 @@ def test_no_worker_died_and_no_import_failed_after_the_switch(pop: UserPop) -> N
     assert "ImportError" not in log and "PermissionError" not in log, log[-3000:]
 
 
+@pytest.mark.parametrize("worker", [["--worker", "0"], []], ids=["worker", "supervisor"])
 def test_a_user_who_cannot_read_the_config_is_refused_at_start(
-    pop: UserPop, account: tuple[str, str]
+    pop: UserPop, account: tuple[str, str], worker: list[str]
 ) -> None:
-    private = pop.workdir / "private"
+    """A worker refuses before it opens anything; the supervisor before it starts workers
+    (which would exit one after the other)."""
+    private = pop.workdir / f"private{len(worker)}"
     private.mkdir(mode=0o700)
     config = private / "forwarder.toml"
-    other = pop.workdir / "run2" / "ctl.sock"
-    config.write_text(pop.config_text(IMPL, [1, 2]).replace(str(pop.socket), str(other)))
+    other = pop.workdir / f"run{len(worker)}" / "ctl.sock"
+    text = pop.config_text(IMPL, [1, 2]).replace(str(pop.socket), str(other))
+    config.write_text("ingress_drop = false\n" + text)  # the running forwarder's nft table
+    argv = ["-m", "forwarder.daemon", "--config", str(config), "--keep-offloads", *worker]
     done = pop.fwd.run(
-        [sys.executable, "-m", "forwarder.daemon", "--config", str(config), "--worker", "0"],
+        [sys.executable, *argv],
         env={"PYTHONPATH": str(REPO)},
         check=False,
         timeout=60,
     )
     assert done.returncode == 1, (done.stdout, done.stderr)
     assert f"user {account[0]} cannot read --config {config}: Permission denied" in done.stderr
+    assert "worker 0 exited" not in done.stderr, done.stderr
     assert not pop.forwarder_died()
