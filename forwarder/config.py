@@ -253,6 +253,10 @@ class VipConfig:
     """Maglev table size: a prime larger than the number of backends (ideally 100x)."""
     backends: tuple[BackendConfig, ...] = ()
     """At least one; addresses unique within the VIP."""
+    udp_lookup_first: bool = True
+    """UDP only: the first datagram of a flow unknown to this POP waits for a store lookup
+    (one round trip) instead of starting the flow on Maglev's choice, so that a flow moved here
+    by a route change keeps its backend even after a backend change."""
 
     def __str__(self) -> str:
         a = self.address
@@ -652,12 +656,16 @@ def _parse_vip(s: _Section, source: ipaddress.IPv6Address) -> VipConfig:
         )
         backends.append(backend)
     assert protocol is not None and port is not None
+    lookup_first = s.boolean("udp_lookup_first")
+    if lookup_first is not None and protocol is not _ProtoName.UDP:
+        raise ConfigError(s.name("udp_lookup_first"), "only for protocol = 'udp'")
     return VipConfig(
         address=address,
         port=port,
         protocol=Proto[protocol.name],
         maglev_size=size,
         backends=tuple(backends),
+        udp_lookup_first=protocol is _ProtoName.UDP and lookup_first is not False,
     )
 
 

@@ -142,8 +142,12 @@ def apply_plan(engine: Any, core: ForwardingCore, plan: Plan, config: ForwarderC
     for ip, bid in plan.backend_ids.items():
         engine.set_backend(bid, ip)
     core.set_backend_ids(plan.backend_ids)
+    lookup_first = {
+        (v.address.packed, v.port, int(v.protocol)): v.udp_lookup_first for v in config.vips
+    }
     for (ip, port, proto), vip_id in plan.vip_ids.items():
-        engine.set_vip(vip_id, ip, port, proto)
+        first = lookup_first.get((ip, port, proto), False)
+        engine.set_vip(vip_id, ip, port, proto, udp_lookup_first=first)
         engine.set_maglev(vip_id, plan.tables[vip_id])
         usable = plan.vip_usable.get(vip_id)
         core.set_vip(vip_id, ip, port, proto, plan.vip_backends[vip_id], usable)
