@@ -14,7 +14,6 @@ import grp
 import json
 import os
 import pwd
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 
 from forwarder.fastpath import c_engine_available
 from forwarder.privileges import CAP_NET_ADMIN, CAP_NET_RAW
+from tests.e2e.accounts import throwaway_user
 from tests.e2e.conftest import require_netns
 from tests.e2e.pop import REPO, VIP4, VIP6, Pop, decap_addr
 from tests.netns import wait_until
@@ -52,22 +52,9 @@ class UserPop(Pop):
 
 @pytest.fixture(scope="module")
 def account() -> Iterator[tuple[str, str]]:
-    """A throwaway system user and a supplementary group of it; removed afterwards."""
     require_netns()
-    user, extra = f"fs-e2e-{os.getpid()}", f"fs-e2e-x{os.getpid()}"
-    subprocess.run(["groupadd", "--system", extra], check=True, capture_output=True)
-    try:
-        subprocess.run(
-            ["useradd", "--system", "-U", "-M", "-s", "/usr/sbin/nologin", "-G", extra, user],
-            check=True,
-            capture_output=True,
-        )
-        try:
-            yield user, extra
-        finally:
-            subprocess.run(["userdel", user], check=False, capture_output=True)
-    finally:
-        subprocess.run(["groupdel", extra], check=False, capture_output=True)
+    with throwaway_user("e2e") as names:
+        yield names
 
 
 @pytest.fixture(scope="module")
