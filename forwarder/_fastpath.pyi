@@ -2,7 +2,9 @@
 
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Final, final
+from typing import Final, Protocol, final, type_check_only
+
+from forwarder.pyengine import Result as EngineResult
 
 FlowT = tuple[int, bytes, int, bytes, int]
 
@@ -26,11 +28,16 @@ class Result(tuple[bytes, list[tuple[int, bytes]], list[MissT], list[tuple[int, 
     @property
     def events(self) -> list[tuple[int, FlowT, int]]: ...
 
-@final
-class Engine:
+@type_check_only
+class EngineAPI(Protocol):
+    """The data-path engine interface of both engines (DATAPATH.md), stated once: it is
+    `forwarder.fastpath.Engine` for type checkers, and the C `Engine` below derives from it.
+    Parameters before a `/` are positional-only, as the C methods take them. Only in this stub:
+    the C module has no such name.
+    """
+
     entry_size: int
-    @property
-    def capacity(self) -> int: ...
+
     def __init__(
         self,
         *,
@@ -57,18 +64,27 @@ class Engine:
         mtu: int = 0,
     ) -> None: ...
     def remove_backend(self, backend_id: int, /) -> int: ...
-    def backend_link(self, backend_id: int, /) -> tuple[int, bytes, bytes, int] | None: ...
     def set_maglev(self, vip_id: int, table: bytes, /) -> None: ...
-    def maglev_pick(self, vip_id: int, hash64: int, /) -> int: ...
     def process(
         self, frames: Sequence[bytes], now_ms: int, statuses: Sequence[int] | None = None
-    ) -> Result: ...
-    def forward_to(self, frames: Sequence[bytes], backend_id: int) -> Result: ...
+    ) -> EngineResult: ...
+    def forward_to(self, frames: Sequence[bytes], backend_id: int) -> EngineResult: ...
     def install(self, flow: FlowT, backend_id: int, now_ms: int) -> None: ...
     def lookup(self, flow: FlowT, /) -> tuple[int, int, int] | None: ...
+    def maglev_pick(self, vip_id: int, hash64: int, /) -> int: ...
     def expire(self, now_ms: int, budget: int) -> list[FlowT]: ...
     def counters(self) -> dict[str, int]: ...
     def __len__(self) -> int: ...
+
+@final
+class Engine(EngineAPI):
+    """The C engine: everything of `EngineAPI`, plus `capacity` and `backend_link`."""
+
+    entry_size: int  # (a protocol's attribute without a value has to be restated)
+
+    @property
+    def capacity(self) -> int: ...
+    def backend_link(self, backend_id: int, /) -> tuple[int, bytes, bytes, int] | None: ...
 
 @final
 class PacketRing:

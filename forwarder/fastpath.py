@@ -7,8 +7,7 @@ Python reference (`forwarder.pyengine`); both implement `Engine` as forwarder/DA
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from flowstate.errors import UsageError
 from forwarder.packet import REPLY, TP_STATUS_CSUMNOTREADY, Event, Verdict
@@ -33,61 +32,16 @@ __all__ = [
 IMPLS = ("c", "python")
 
 
-class Engine(Protocol):
-    """The data-path engine interface; get a class from `load_engine` (DATAPATH.md)."""
+if TYPE_CHECKING:
+    from forwarder._fastpath import EngineAPI as Engine
+else:
 
-    entry_size: int
+    class Engine(Protocol):
+        """The data-path engine interface; get a class from `load_engine` (DATAPATH.md).
 
-    def __init__(
-        self,
-        *,
-        source_ipv6: bytes,
-        capacity: int,
-        tcp_idle_ms: int,
-        udp_idle_ms: int,
-        fin_linger_ms: int,
-        touch_interval_ms: int,
-        tunnel_mtu: int = 1500,
-    ) -> None: ...
-
-    def set_vip(
-        self, vip_id: int, ip: bytes, port: int, proto: int, *, udp_lookup_first: bool = False
-    ) -> None: ...
-
-    def remove_vip(self, vip_id: int) -> int: ...
-
-    def set_backend(
-        self,
-        backend_id: int,
-        ip: bytes,
-        *,
-        dst_mac: bytes = b"",
-        src_mac: bytes = b"",
-        ifindex: int = 0,
-        mtu: int = 0,
-    ) -> None: ...
-
-    def remove_backend(self, backend_id: int) -> int: ...
-
-    def set_maglev(self, vip_id: int, table: bytes) -> None: ...
-
-    def process(
-        self, frames: Sequence[bytes], now_ms: int, statuses: Sequence[int] | None = None
-    ) -> Result: ...
-
-    def forward_to(self, frames: Sequence[bytes], backend_id: int) -> Result: ...
-
-    def install(self, flow: FlowT, backend_id: int, now_ms: int) -> None: ...
-
-    def lookup(self, flow: FlowT) -> tuple[int, int, int] | None: ...
-
-    def maglev_pick(self, vip_id: int, hash64: int) -> int: ...
-
-    def expire(self, now_ms: int, budget: int) -> list[FlowT]: ...
-
-    def counters(self) -> dict[str, int]: ...
-
-    def __len__(self) -> int: ...
+        Its signatures are stated once, for type checkers, as `EngineAPI` in
+        forwarder/_fastpath.pyi (the C `Engine` there derives from it).
+        """
 
 
 def _c_engine() -> object | None:
