@@ -32,32 +32,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#define PKT_PROG "pingpong"
+#include "pkt_common.h"
+
 #define MAX_SIZE 65536
-
-static void die(const char *what) {
-    fprintf(stderr, "pingpong: %s: %s\n", what, strerror(errno));
-    exit(1);
-}
-
-static void usage(const char *msg) {
-    fprintf(stderr, "pingpong: %s (see the comment at the top of benchmarks/pingpong.c)\n", msg);
-    exit(2);
-}
-
-static long parse_long(const char *s, long lo, long hi) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || *end || v < lo || v > hi)
-        usage("bad number");
-    return v;
-}
-
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 /* 0 on success, -1 on error or EOF. */
 static int io_all(int fd, char *buf, size_t len, int writing) {

@@ -44,6 +44,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#define PKT_PROG "pktgen"
+#include "pkt_common.h"
+
 #ifndef PACKET_QDISC_BYPASS
 #define PACKET_QDISC_BYPASS 20
 #endif
@@ -59,22 +62,6 @@ static volatile sig_atomic_t stop_flag;
 static void on_signal(int sig) {
     (void)sig;
     stop_flag = 1;
-}
-
-static void die(const char *what) {
-    fprintf(stderr, "pktgen: %s: %s\n", what, strerror(errno));
-    exit(1);
-}
-
-static void usage(const char *msg) {
-    fprintf(stderr, "pktgen: %s (see the comment at the top of benchmarks/pktgen.c)\n", msg);
-    exit(2);
-}
-
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
 static void parse_mac(const char *s, uint8_t out[6]) {
@@ -95,15 +82,6 @@ static uint32_t parse_ip4(const char *s) {
 static void parse_ip6(const char *s, uint8_t out[16]) {
     if (inet_pton(AF_INET6, s, out) != 1)
         usage("bad IPv6 address");
-}
-
-static long parse_long(const char *s, long lo, long hi) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || *end || v < lo || v > hi)
-        usage("bad number");
-    return v;
 }
 
 static void put16(uint8_t *p, uint16_t v) {

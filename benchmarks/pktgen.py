@@ -1,5 +1,8 @@
 """Build `pktgen.c` (generator and counting sink) with gcc, cached by the source's hash.
 
+The benchmarks' other C tools (`pingpong.c`) are built the same way (`compile_cached`); their
+shared helpers live in `pkt_common.h`, which is hashed with every source.
+
 The binary lives in `$XDG_CACHE_HOME/flowstate-bench/` (default `~/.cache/...`), never in the
 repository; a changed source gets a new file name, so a stale build is never used.
 """
@@ -17,6 +20,8 @@ from benchmarks.framework import BenchmarkError
 
 SOURCE = Path(__file__).with_name("pktgen.c")
 CFLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror")
+#: Included by every source (`#include "pkt_common.h"`): part of each build's hash.
+HEADERS = (Path(__file__).with_name("pkt_common.h"),)
 
 
 def cache_dir() -> Path:
@@ -30,12 +35,13 @@ def build(cc: str | None = None) -> Path:
 
 
 def compile_cached(source_path: Path, user: str, cc: str | None = None) -> Path:
-    """Path of `source_path` compiled with CFLAGS, cached by the hash of source and flags (a
-    benchmark's helper program; `user` names the benchmark in the error without a compiler)."""
+    """Path of `source_path` compiled with CFLAGS, cached by the hash of source, HEADERS and
+    flags (a benchmark's helper program; `user` names the benchmark in the error without a
+    compiler)."""
     compiler = cc or os.environ.get("CC") or "gcc"
     if shutil.which(compiler) is None:
         raise BenchmarkError(f"{compiler} not found: {user} compiles {source_path.name}")
-    source = source_path.read_bytes()
+    source = source_path.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
     digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source_path.stem}-{digest}"
     if target.exists():
