@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import ipaddress
 import json
 import os
 import subprocess
 import time
-import uuid
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import pytest
@@ -29,20 +26,19 @@ from forwarder.neigh import (
     resolve_links,
     resolve_links_sync,
 )
+from tests.netns import Netns, Topology
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
 ]
 
-CLONE_NEWNET = 0x40000000
 DIRECT = "fd00:1::2"
 GATEWAYED = "fd00:3::2"
 SMALL_MTU = "fd00:4::9"  # behind the router too, on a route with mtu 1400
 NO_ROUTE = "fd00:9::1"
 LOCAL = "fd00:1::1"
 NOBODY = "fd00:1::99"  # on link, but no host answers
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def packed(address: str) -> bytes:
@@ -64,37 +60,6 @@ def mac(netns: str, ifname: str) -> bytes:
     return bytes.fromhex(str(ip_link(netns, ifname)["address"]).replace(":", ""))
 
 
-@contextlib.contextmanager
-def inside(netns: str) -> Iterator[None]:
-    """Run the block with this thread in `netns` (netlink sockets and children follow it)."""
-    with open("/proc/thread-self/ns/net", "rb") as home, open(f"/run/netns/{netns}", "rb") as ns:
-        if _libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        try:
-            yield
-        finally:
-            if _libc.setns(home.fileno(), CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-
-
-def wait_up(netns: str, *ifnames: str) -> None:
-    """Wait until the links are operationally up: until linkwatch attaches their qdisc (up to
-    a second after `link set up`), frames sent on them are dropped."""
-    deadline = time.monotonic() + 3.0
-    for ifname in ifnames:
-        while True:
-            state = subprocess.run(
-                ["ip", "-n", netns, "-j", "link", "show", ifname],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            if '"operstate":"UP"' in state:
-                break
-            assert time.monotonic() < deadline, f"{netns}/{ifname} never came up"
-            time.sleep(0.02)
-
-
 class Lab(NamedTuple):
     fwd: str
     be1: str
@@ -103,105 +68,25 @@ class Lab(NamedTuple):
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    tag = uuid.uuid4().hex[:8]
-    lab = Lab(*(f"fsn-{tag}-{role}" for role in Lab._fields))
-    made: list[str] = []
-    try:
-        for ns in lab:
-            ip("netns", "add", ns)
-            made.append(ns)
-            # No duplicate address detection: link-local addresses are usable at once, so the
-            # kernel can send neighbour solicitations without waiting ~1 s.
-            subprocess.run(
-                ["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"],
-                check=True,
-            )
-        ip(
-            "link",
-            "add",
-            "f0",
-            "netns",
-            lab.fwd,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "b0",
-            "netns",
-            lab.be1,
-        )
-        ip(
-            "link",
-            "add",
-            "f1",
-            "netns",
-            lab.fwd,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "r0",
-            "netns",
-            lab.rtr,
-        )
-        ip(
-            "link",
-            "add",
-            "r1",
-            "netns",
-            lab.rtr,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "b0",
-            "netns",
-            lab.be2,
-        )
-        for ns, ifname, address in [
-            (lab.fwd, "f0", "fd00:1::1/64"),
-            (lab.be1, "b0", "fd00:1::2/64"),
-            (lab.fwd, "f1", "fd00:2::1/64"),
-            (lab.rtr, "r0", "fd00:2::2/64"),
-            (lab.rtr, "r1", "fd00:3::1/64"),
-            (lab.be2, "b0", "fd00:3::2/64"),
-        ]:
-            ip("-n", ns, "addr", "add", address, "dev", ifname, "nodad")
-            ip("-n", ns, "link", "set", ifname, "up")
-        for ns, ifname in [
-            (lab.fwd, "f0"),
-            (lab.fwd, "f1"),
-            (lab.be1, "b0"),
-            (lab.rtr, "r0"),
-            (lab.rtr, "r1"),
-            (lab.be2, "b0"),
-        ]:
-            wait_up(ns, ifname)
-        ip("-n", lab.fwd, "route", "add", "fd00:3::/64", "via", "fd00:2::2", "dev", "f1")
-        ip(
-            "-n",
-            lab.fwd,
-            "route",
-            "add",
-            "fd00:4::/64",
-            "via",
-            "fd00:2::2",
-            "dev",
-            "f1",
-            "mtu",
-            "1400",
-        )
-        yield lab
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+def lab(netns_factory: Topology) -> Lab:
+    # Namespaces without duplicate address detection: link-local addresses are usable at once,
+    # so the kernel can send neighbour solicitations without waiting ~1 s.
+    fwd, be1, rtr, be2 = (netns_factory.add_netns(role) for role in Lab._fields)
+    netns_factory.veth(fwd, "f0", be1, "b0", a_addrs=["fd00:1::1/64"], b_addrs=["fd00:1::2/64"])
+    netns_factory.veth(fwd, "f1", rtr, "r0", a_addrs=["fd00:2::1/64"], b_addrs=["fd00:2::2/64"])
+    netns_factory.veth(rtr, "r1", be2, "b0", a_addrs=["fd00:3::1/64"], b_addrs=["fd00:3::2/64"])
+    # Until linkwatch attaches their qdisc (up to a second after `link set up`), frames sent
+    # on the links are dropped.
+    netns_factory.settle()
+    fwd.ip("route", "add", "fd00:3::/64", "via", "fd00:2::2", "dev", "f1")
+    fwd.ip("route", "add", "fd00:4::/64", "via", "fd00:2::2", "dev", "f1", "mtu", "1400")
+    return Lab(fwd.name, be1.name, rtr.name, be2.name)
 
 
 def resolve_until(lab: Lab, addresses: list[str], settled: list[str]) -> dict[bytes, Link]:
     """Resolve (probing) until every address in `settled` is resolved."""
     deadline = time.monotonic() + 5.0
-    with inside(lab.fwd):
+    with Netns(lab.fwd).entered():
         while True:
             links = resolve_links_sync(addresses)
             if all(links[packed(a)].resolved for a in settled) or time.monotonic() > deadline:
@@ -210,7 +95,7 @@ def resolve_until(lab: Lab, addresses: list[str], settled: list[str]) -> dict[by
 
 
 def test_direct_and_gatewayed_backends(lab: Lab) -> None:
-    with inside(lab.fwd):
+    with Netns(lab.fwd).entered():
         first = resolve_links_sync([DIRECT, GATEWAYED])
     # Nothing has talked to the backends yet: unresolved this round, and probed.
     assert first[packed(DIRECT)] == Link(next_hop=packed(DIRECT), reason="neighbour missing")
@@ -255,7 +140,7 @@ def test_unresolvable_backends_say_why(lab: Lab) -> None:
 
 def test_async_resolution_matches_sync(lab: Lab) -> None:
     resolve_until(lab, [DIRECT, GATEWAYED], [DIRECT, GATEWAYED])
-    with inside(lab.fwd):
+    with Netns(lab.fwd).entered():
         sync = resolve_links_sync([DIRECT, GATEWAYED, NO_ROUTE], probe=False)
         asynchronous = asyncio.run(resolve_links([DIRECT, GATEWAYED, NO_ROUTE], probe=False))
     assert asynchronous == sync
@@ -279,7 +164,7 @@ def test_cache_reports_changes_only(lab: Lab) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, 5.0)
 
-    with inside(lab.fwd):
+    with Netns(lab.fwd).entered():
         asyncio.run(watch(until=mac(lab.be1, "b0")))
         # The first refresh reports every backend; later ones only what changed.
         assert set(seen[0]) == {packed(DIRECT), packed(GATEWAYED)}
@@ -309,7 +194,7 @@ def test_cache_reports_changes_only(lab: Lab) -> None:
         assert cache.link(DIRECT) is None
 
 
-def test_returns_to_a_route_whose_gateway_was_cut(lab: Lab) -> None:
+def test_returns_to_a_route_whose_gateway_was_cut(lab: Lab, netns_factory: Topology) -> None:
     """The lab's pop-cut fault in small: a backend behind a gateway on f0 (be1), a default
     route through the router on f1. While f0's link is down the gateway's entry turns FAILED
     and the kernel (this host does not forward) answers with the default route; once the link
@@ -336,7 +221,7 @@ def test_returns_to_a_route_whose_gateway_was_cut(lab: Lab) -> None:
     ip("-n", lab.be1, "link", "set", "b0", "down")
     cache = NeighbourCache([behind_be1], refresh_s=5.0, retry_s=0.05)
     deadline = time.monotonic() + 5.0
-    with inside(lab.fwd):
+    with Netns(lab.fwd).entered():
         while True:
             cache.refresh_sync()
             link = cache.link(behind_be1)
@@ -359,11 +244,10 @@ def test_returns_to_a_route_whose_gateway_was_cut(lab: Lab) -> None:
         time.sleep(0.05)
 
     ip("-n", lab.be1, "link", "set", "b0", "up")
-    wait_up(lab.be1, "b0")
-    wait_up(lab.fwd, "f0")
+    netns_factory.settle()
     # Without the probe the kernel would keep answering f1 for tens of seconds.
     deadline = time.monotonic() + 2.0
-    with inside(lab.fwd):
+    with Netns(lab.fwd).entered():
         while True:
             cache.refresh_sync()
             link = cache.link(behind_be1)
@@ -378,7 +262,7 @@ def test_returns_to_a_route_whose_gateway_was_cut(lab: Lab) -> None:
 
 def test_interface_info_matches_ip_link(lab: Lab) -> None:
     ip("-n", lab.fwd, "link", "set", "f1", "mtu", "9000")
-    with inside(lab.fwd):
+    with Netns(lab.fwd).entered():
         for ifname in ("f0", "f1"):
             info = ip_link(lab.fwd, ifname)
             assert interface_info(ifname) == (info["ifindex"], mac(lab.fwd, ifname), info["mtu"])
@@ -387,7 +271,7 @@ def test_interface_info_matches_ip_link(lab: Lab) -> None:
 
 
 def test_disable_offloads(lab: Lab) -> None:
-    with inside(lab.fwd):
+    with Netns(lab.fwd).entered():
         ip("-n", lab.fwd, "link", "set", "f0", "up")
         subprocess.run(["ethtool", "-K", "f0", "gro", "on"], check=True, capture_output=True)
         state = disable_offloads("f0")
