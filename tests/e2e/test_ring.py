@@ -409,3 +409,6 @@ def test_truncated_frames_are_counted_not_processed(lab: Lab) -> None:
     got = drain(lab.capture, 2)
     assert [len(f) for f in got] == [14 + 40 + 150 - 14, 14 + 40 + 54 - 14]
     assert got == expected_frames(lab, [syn4(lab, 9500, size=96), syn4(lab, 9502)])
+    # A slot must hold its header, a sockaddr_ll and the headroom (the kernel's own minimum).
+    with pytest.raises(ValueError, match="at least 92"):
+        lab.ring(frame_size=80, block_size=5 * 4096, block_count=1)  # 256 slots of 80
