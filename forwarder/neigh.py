@@ -365,9 +365,11 @@ def _parse_next_hops(attrs: dict[int, bytes]) -> tuple[tuple[int, bytes], ...]:
 
 
 def _parse_fib(reply: _Reply) -> list[_FibRoute]:
-    """The unicast routes of an IPv6 route dump (source-specific ones left out)."""
+    """The unicast routes of an IPv6 route dump (source-specific ones left out); none if the
+    dump failed (the links found so far stand, only skipped routes go unnoticed this round)."""
     if reply.error:
-        raise OSError(reply.error, f"route dump: {os.strerror(reply.error)}")
+        log.warning("route dump failed: %s", os.strerror(reply.error))
+        return []
     routes = []
     for kind, payload in reply.messages:
         if kind != RTM_NEWROUTE or len(payload) < _RTMSG.size:
