@@ -131,6 +131,16 @@ def golden_engine(cls: Callable[..., Any]) -> Any:
     return engine
 
 
+def normalised(result: Any) -> tuple[Any, ...]:
+    """A `process`/`forward_to` result as plain values, to compare the two engines' outputs."""
+    return (
+        bytes(result.verdicts),
+        [(int(d), bytes(p)) for d, p in result.tx],
+        [(int(v), tuple(fl), bytes(f), int(k)) for v, fl, f, k in result.misses],
+        [(int(e), tuple(fl), int(b)) for e, fl, b in result.events],
+    )
+
+
 # --- case structure ------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from forwarder.fastpath import REPLY, TP_STATUS_CSUMNOTREADY, load_engine
-from tests.golden_packets import CASES, T0, golden_engine
+from tests.golden_packets import CASES, T0, golden_engine, normalised
 
 MAX_FRAMES = 8
 
@@ -51,15 +51,6 @@ def decode(data: bytes) -> tuple[list[bytes], list[int], int]:
     return frames, statuses, step
 
 
-def normal(result: Any) -> tuple[Any, ...]:
-    return (
-        bytes(result.verdicts),
-        [(int(b), bytes(p)) for b, p in result.tx],
-        [(int(v), tuple(f), bytes(fr), int(k)) for v, f, fr, k in result.misses],
-        [(int(c), tuple(f), int(b)) for c, f, b in result.events],
-    )
-
-
 def check_fits(frames: Sequence[bytes], result: Any) -> None:
     assert len(result.verdicts) == len(frames)
     longest = max((len(f) for f in frames), default=0)
@@ -83,12 +74,13 @@ def one_input(data: bytes) -> None:
         got = c.process(frames, now, statuses)
         check_fits(frames, got)
         want = py.process(frames, now, statuses)
-        assert normal(got) == normal(want), (frames, statuses, now)
+        assert normalised(got) == normalised(want), (frames, statuses, now)
         # The same frames tunnelled by forward_to (queued ICMP errors): same bytes, no state.
         flows = len(py)
         got = c.forward_to(frames, 1 + step % 3)
         check_fits(frames, got)
-        assert normal(got) == normal(py.forward_to(frames, 1 + step % 3)), (frames, "forward_to")
+        want = py.forward_to(frames, 1 + step % 3)
+        assert normalised(got) == normalised(want), (frames, "forward_to")
         assert len(c) == len(py) == flows
     c_counters = c.counters()
     assert {k: c_counters[k] for k in py.counters()} == py.counters()

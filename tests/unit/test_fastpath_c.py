@@ -44,7 +44,16 @@ from forwarder.packet import (
     tcp,
     udp,
 )
-from tests.golden_packets import CASES, T0, VIP4, VIP6, GoldenCase, Process, golden_engine
+from tests.golden_packets import (
+    CASES,
+    T0,
+    VIP4,
+    VIP6,
+    GoldenCase,
+    Process,
+    golden_engine,
+    normalised,
+)
 
 if not c_engine_available():
     if os.environ.get("FLOWSTATE_REQUIRE_C") == "1":
@@ -341,15 +350,6 @@ def run_setup(engine: Any, case: GoldenCase) -> None:
             getattr(engine, step.method)(*step.args)
 
 
-def normal(result: Any) -> tuple[Any, ...]:
-    return (
-        bytes(result.verdicts),
-        [(int(b), bytes(p)) for b, p in result.tx],
-        [(int(v), tuple(f), bytes(fr), int(k)) for v, f, fr, k in result.misses],
-        [(int(c), tuple(f), int(b)) for c, f, b in result.events],
-    )
-
-
 @DIFF
 @given(
     st.sampled_from(SINGLE),
@@ -369,7 +369,7 @@ def test_c_matches_python_on_mutated_golden_frames(
         mutated[position % len(mutated)] = value
     frames = [bytes(mutated), bytes(mutated[: cut % (len(mutated) + 1)]), case.frame]
     now = case.now_ms + later_ms
-    c, py = (normal(e.process(frames, now, [status] * 3)) for e in engines)
+    c, py = (normalised(e.process(frames, now, [status] * 3)) for e in engines)
     assert c == py
     assert {k: v for k, v in engines[0].counters().items() if k in engines[1].counters()} == (
         engines[1].counters()
@@ -386,6 +386,6 @@ def test_c_matches_python_on_every_truncation_with_csum_status() -> None:
                 run_setup(engine, case)
             frames = [case.frame[:n] for n in range(len(case.frame) + 1)]
             c, py = (
-                normal(e.process(frames, case.now_ms, [status] * len(frames))) for e in engines
+                normalised(e.process(frames, case.now_ms, [status] * len(frames))) for e in engines
             )
             assert c == py, case.description

@@ -51,6 +51,7 @@ from tests.golden_packets import (
     Process,
     Step,
     golden_engine,
+    normalised,
 )
 
 SINGLE = [c for c in CASES if c.single]
@@ -441,15 +442,6 @@ def test_load_engine_names() -> None:
     assert load_engine("python").__module__ == "forwarder.pyengine"
     with pytest.raises(UsageError):
         load_engine("rust")
-
-
-def normalised(result: Any) -> tuple[Any, ...]:
-    return (
-        bytes(result.verdicts),
-        [(int(d), bytes(p)) for d, p in result.tx],
-        [(int(v), tuple(fl), bytes(f), int(k)) for v, fl, f, k in result.misses],
-        [(int(e), tuple(fl), int(b)) for e, fl, b in result.events],
-    )
 
 
 @settings(max_examples=500, deadline=None)
