@@ -88,6 +88,9 @@ def run_worker(
     from forwarder.service import serve
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    # Until the event loop takes SIGHUP over, a reload request must not end the process
+    # (SIGHUP's default): the config is being read now anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if config.user is not None:
         if not become_user(config, config_path):
             return 1
@@ -100,9 +103,6 @@ def run_worker(
             print(f"flowstate-forwarder: cannot drop capabilities: {exc}", file=sys.stderr)
             return 1
         log.info("capabilities: kept %#x (CAP_NET_RAW, CAP_NET_ADMIN), dropped the rest", kept)
-    # Until the event loop takes SIGHUP over, a reload request must not end the process
-    # (SIGHUP's default): the config is being read now anyway.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         path = Path(config_path) if config_path else None
         asyncio.run(
@@ -196,9 +196,15 @@ def supervise(args: argparse.Namespace, config: ForwarderConfig) -> int:
             return 1
 
     def start(i: int) -> subprocess.Popen[bytes]:
-        if announcer is not None:
-            return announcer.start_worker(i, [*cmd, "--worker", str(i)])
-        return subprocess.Popen([*cmd, "--worker", str(i)])
+        # The worker is born with SIGHUP blocked (a reload before it ignores SIGHUP would end
+        # it: the default action); it unblocks it in `main`. Here it waits until after.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            if announcer is not None:
+                return announcer.start_worker(i, [*cmd, "--worker", str(i)])
+            return subprocess.Popen([*cmd, "--worker", str(i)])
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     def stop(sig: int, _frame: object) -> None:
         nonlocal stopping, stop_signal
@@ -264,6 +270,12 @@ def withdraw(config: ForwarderConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.worker is not None:
+        # Until the event loop takes SIGHUP over, a reload request must not end the worker
+        # (SIGHUP's default) while it starts, loads its code or switches user: the config is
+        # read after this anyway. The supervisor started it with SIGHUP blocked.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     if args.check_config:
         return check_config(args.check_config)
     if not args.config:

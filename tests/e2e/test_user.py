@@ -32,6 +32,9 @@ pytestmark = pytest.mark.e2e
 
 IMPL = "c" if c_engine_available() else "python"
 BOTH = 1 << CAP_NET_RAW | 1 << CAP_NET_ADMIN
+#: A connection counts as stalled only after this long: the machine is shared and loaded, and
+#: what these tests check is that traffic goes through, not how fast.
+PATIENT = ("--timeout", "30")
 
 
 class UserPop(Pop):
@@ -138,7 +141,7 @@ def test_workers_run_as_the_user_with_net_raw_and_net_admin_only(
 
 def test_tcp_and_udp_go_through(pop: UserPop) -> None:
     for vip in (VIP4, VIP6):
-        tcp = pop.tool("http-clients", "--vip", vip, "--conns", "20", "--requests", "3")
+        tcp = pop.tool("http-clients", "--vip", vip, *PATIENT, "--conns", "20", "--requests", "3")
         assert not failures(tcp), (failures(tcp)[:3], pop.log()[-3000:])
         assert {r["backends"][0] for r in tcp} == {"b1", "b2"}
     udp = pop.tool("udp-clients", "--vip", VIP4, "--flows", "20", "--datagrams", "2")
@@ -155,7 +158,7 @@ def test_reload_by_sighup_reads_a_config_file_of_root_and_the_users_group(
     lines = pop.reload_forwarder(IMPL, [1, 2, 3])
     assert f"tcp {VIP4}:80: backend {decap_addr(3)} added" in lines, lines
     assert wait_until(lambda: pop.log().count(" applied (") >= 2, 20), pop.log()[-3000:]
-    fresh = pop.tool("http-clients", "--vip", VIP4, "--conns", "40")
+    fresh = pop.tool("http-clients", "--vip", VIP4, *PATIENT, "--conns", "40")
     assert not failures(fresh), failures(fresh)[:3]
     assert "b3" in {r["backends"][0] for r in fresh}
     assert workers(pop) == before  # applied live by the same processes
@@ -168,12 +171,12 @@ def test_the_root_cli_reloads_and_drains_through_the_users_sockets(pop: UserPop)
     drained = cli(pop, "backends", "drain", decap_addr(3), "--vip", f"{VIP4}:80/tcp")
     assert sorted(drained["workers"]) == [0, 1] and drained["errors"] == [], drained
     try:
-        fresh = pop.tool("http-clients", "--vip", VIP4, "--conns", "40")
+        fresh = pop.tool("http-clients", "--vip", VIP4, *PATIENT, "--conns", "40")
         assert not failures(fresh), failures(fresh)[:3]
         assert "b3" not in {r["backends"][0] for r in fresh}
     finally:
         cli(pop, "backends", "undrain", decap_addr(3))
-    again = pop.tool("http-clients", "--vip", VIP4, "--conns", "40")
+    again = pop.tool("http-clients", "--vip", VIP4, *PATIENT, "--conns", "40")
     assert not failures(again) and "b3" in {r["backends"][0] for r in again}
 
 
