@@ -263,6 +263,11 @@ class ClusterClient:
         """Addresses of the masters in the fast path's slot map."""
         return [(n.host, n.port) for n in self._masters]
 
+    def replicas(self) -> dict[tuple[str, int], list[tuple[str, int]]]:
+        """Each master's replicas in the slot map (a replica the cluster has not announced
+        yet, as right after it was created, is missing until a later refresh)."""
+        return {(n.host, n.port): [(r.host, r.port) for r in n.replicas] for n in self._masters}
+
     # -- connections -----------------------------------------------------------------------
 
     async def connect_all(self, timeout_ms: float) -> None:
