@@ -1,9 +1,18 @@
 """Bytes per flow: the forwarder's local flow table (C and Python) and the pinning in Redis.
 
 Local table: RSS growth of a fresh process whose Engine of capacity 1M (Python: 100k with
---quick) took as many distinct SYNs as it has slots, against the same with capacity 1k; per
-slot and per live flow (8-slot buckets evict before they are all full), and the C
-`entry_size`. Each measurement runs in its own process (`memory_probe engine`).
+--quick) took as many distinct SYNs as it has slots, against the same with capacity 1k: the
+table's bytes per slot, and the C `entry_size`. The table's memory is fixed, but it holds
+fewer flows than it has slots (8-slot buckets evict before they are all full), so the figure
+the target applies to is bytes per flow *held* (`len(engine)`), measured at two points:
+
+* at capacity: after as many distinct flow starts as the configured capacity (never more);
+* at the eviction onset: after the first batch of 1024 flow starts in which at least 1% of the
+  new flows evicted a held one (`memory_probe.ONSET_RATE`); the very first eviction (reported
+  too) comes earlier, one unlucky pair of buckets, and says little about the usable fill.
+
+Bytes per held flow = bytes per slot x slots / flows held. Each measurement runs in its own
+process (`memory_probe engine`).
 
 Redis: a 6-node cluster (3 masters, 1 replica each) from `deploy/redis-cluster up
 --base-port 7600`, stopped at the end. `INFO memory` used_memory summed over the masters
@@ -80,18 +89,41 @@ def _engine_costs(small: dict[str, Any], big: dict[str, Any]) -> dict[str, Any]:
         return int(r["rss_filled"]) - int(r["rss_start"])
 
     d_rss = growth(big) - growth(small)
-    d_slots = int(big["slots"]) - int(small["slots"])
-    d_live = int(big["live_flows"]) - int(small["live_flows"])
+    slots = int(big["slots"])
+    d_slots = slots - int(small["slots"])
+    per_slot = d_rss / d_slots
+    table = per_slot * slots  # the big table's bytes
+    held = int(big["live_flows"])
+    onset_held = int(big.get("onset_held", 0))
+    first_held = int(big.get("first_eviction_held", 0))
     return {
         "entry_size": big["entry_size"],
-        "capacity": big["slots"],
-        "live_flows": big["live_flows"],
-        "occupancy": round(int(big["live_flows"]) / int(big["slots"]), 3),
-        "bytes_per_slot": round(d_rss / d_slots, 1),
-        "bytes_per_flow": round(d_rss / d_live, 1),
+        "capacity": slots,
+        "live_flows": held,
+        "occupancy": round(held / slots, 3),
+        "bytes_per_slot": round(per_slot, 1),
+        "bytes_per_flow": round(table / held, 1),
+        "onset": {
+            "offered": big.get("onset_offered", 0),
+            "held": onset_held,
+            "occupancy": round(onset_held / slots, 3),
+            "bytes_per_flow": round(table / onset_held, 1) if onset_held else None,
+        },
+        "first_eviction": {
+            "offered": big.get("first_eviction_offered", 0),
+            "held": first_held,
+            "occupancy": round(first_held / slots, 3),
+        },
+        "evicted": big.get("evicted", 0),
         "rss_growth_bytes": {str(small["slots"]): growth(small), str(big["slots"]): growth(big)},
         "fill_seconds": big["fill_seconds"],
     }
+
+
+def _worst_per_flow(r: dict[str, Any]) -> float:
+    """Bytes per flow held: the worse of the two points (at capacity, at the onset)."""
+    onset = r["onset"]["bytes_per_flow"]
+    return float(max(r["bytes_per_flow"], onset if onset is not None else 0))
 
 
 @contextlib.contextmanager
@@ -217,7 +249,7 @@ def build_report(
     data: dict[str, Any] = {
         "local": local,
         "redis": redis,
-        "local_bytes_per_flow": local["c"]["bytes_per_slot"],
+        "local_bytes_per_flow": _worst_per_flow(local["c"]),
         "redis_bytes_per_flow": redis["bytes_per_flow"],
         "targets": TARGETS,
         "setup": {
@@ -230,13 +262,16 @@ def build_report(
     rows = []
     for impl in ("c", "python"):
         r = local[impl]
+        onset, first = r["onset"], r["first_eviction"]
         rows.append(
             [
                 f"local table, {impl}",
-                f"{r['bytes_per_slot']} per slot",
-                f"{r['bytes_per_flow']} per live flow at {r['occupancy']:.0%} occupancy "
-                f"(capacity {r['capacity']:,} filled with as many SYNs), entry_size "
-                f"{r['entry_size']}",
+                f"{r['bytes_per_flow']} per held flow at capacity; "
+                f"{onset['bytes_per_flow']} at the eviction onset",
+                f"{r['bytes_per_slot']} per slot (entry_size {r['entry_size']}); capacity "
+                f"{r['capacity']:,}: {r['occupancy']:.1%} held after {r['capacity']:,} flow "
+                f"starts; onset (1% of a batch's new flows evict) at {onset['occupancy']:.1%} "
+                f"held; first eviction at {first['occupancy']:.1%}",
             ]
         )
     bd = redis["breakdown"]
@@ -260,14 +295,17 @@ def build_report(
                 f"{v['saving_vs_as_pinned']:.1f} B/flow against as_pinned",
             ]
         )
-    c_slot, c_flow = local["c"]["bytes_per_slot"], local["c"]["bytes_per_flow"]
+    c = local["c"]
+    worst = _worst_per_flow(c)
     notes = [
-        f"target local <= {TARGETS['local_bytes_per_flow']} B/flow: C entry_size "
-        f"{local['c']['entry_size']} B "
-        f"({'meets' if local['c']['entry_size'] <= TARGETS['local_bytes_per_flow'] else 'MISSES'}"
-        f"), RSS {c_slot} B per slot, {c_flow} B per live flow at "
-        f"{local['c']['occupancy']:.0%} occupancy; Python {local['python']['bytes_per_slot']} "
-        "B per slot",
+        f"target local <= {TARGETS['local_bytes_per_flow']} B per flow held: C "
+        f"{'meets' if worst <= TARGETS['local_bytes_per_flow'] else 'MISSES'} it ({worst}, "
+        f"the worse of {c['bytes_per_flow']} at capacity and {c['onset']['bytes_per_flow']} at "
+        f"the eviction onset; {c['bytes_per_slot']} B per slot, entry_size {c['entry_size']}); "
+        f"Python {local['python']['bytes_per_slot']} B per slot",
+        "per flow held = the table's RSS / len(engine); at capacity: after as many distinct "
+        "flow starts as slots; eviction onset: after the first batch of 1024 in which >= 1% "
+        "of the new flows evicted one",
         f"target Redis <= {TARGETS['redis_bytes_per_flow']} B/flow: "
         f"{'meets' if redis['bytes_per_flow'] <= TARGETS['redis_bytes_per_flow'] else 'MISSES'}"
         f" ({redis['bytes_per_flow']} on the masters, replicas double it)",

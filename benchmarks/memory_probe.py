@@ -4,7 +4,10 @@ one JSON line.
     python -m benchmarks.memory_probe engine --impl c|python --capacity N --flows M
 
 RSS growth of one Engine of `capacity` slots after `flows` TCP SYNs of distinct flows went
-through `process()` (each becomes a table entry, exactly as on the data path).
+through `process()` (each becomes a table entry, exactly as on the data path), in batches of
+BATCH; after each batch the `evicted` counter tells where evictions began: the first eviction,
+and the onset (the first batch in which ONSET_RATE of the new flows evicted a held one), with
+the flows held (`len(engine)`) at both points.
 
     python -m benchmarks.memory_probe redis --seeds H:P,... --flows N [--variant NAME]
 
@@ -36,6 +39,10 @@ BACKEND6 = bytes.fromhex("fd00000b000000000000000000000001")
 VIP4 = bytes([192, 0, 2, 10])
 VIP_PORT = 80
 BATCH = 1024
+#: Evictions "begin" (the onset) in the first batch of BATCH distinct SYNs in which at least
+#: this share of the new flows evicted a held one: the very first eviction comes much earlier
+#: (one unlucky bucket) and says nothing about how full the table can be used.
+ONSET_RATE = 0.01
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 # Ethernet (dst, src, IPv4) + IPv4 (TCP, to the VIP) + TCP SYN; client address/port filled in.
 _FRAME = struct.Struct("!6s6sH BBHHHBBH4s4s HHIIBBHHH")
@@ -108,8 +115,19 @@ def probe(impl: str, capacity: int, flows: int) -> dict[str, int | float | str]:
     rss_created = rss()
     started = time.perf_counter()
     now_ms = 1_000_000
+    offered = evicted = 0
+    first_eviction: dict[str, int] = {}
+    onset: dict[str, int] = {}
     for batch in syn_frames(flows):
         engine.process(batch, now_ms)
+        offered += len(batch)
+        total = engine.counters()["evicted"]
+        if total and not first_eviction:
+            first_eviction = {"offered": offered, "held": len(engine)}
+        # Onset: the first batch in which at least ONSET_RATE of the new flows evicted one.
+        if not onset and total - evicted >= ONSET_RATE * len(batch):
+            onset = {"offered": offered, "held": len(engine), "evicted": total}
+        evicted = total
     elapsed = time.perf_counter() - started
     gc.collect()
     counters = engine.counters()
@@ -121,6 +139,11 @@ def probe(impl: str, capacity: int, flows: int) -> dict[str, int | float | str]:
         "live_flows": len(engine),
         "slots": counters["capacity"],
         "new": counters["new"],
+        "evicted": counters["evicted"],
+        "first_eviction_offered": first_eviction.get("offered", 0),
+        "first_eviction_held": first_eviction.get("held", 0),
+        "onset_offered": onset.get("offered", 0),
+        "onset_held": onset.get("held", 0),
         "entry_size": int(getattr(engine, "entry_size", 0)),
         "fill_seconds": round(elapsed, 3),
     }
