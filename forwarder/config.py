@@ -179,8 +179,8 @@ class StoreConfig:
     fallback: bool = True
     """On store failure pick the backend by Maglev rather than dropping the packet."""
     read_from_replicas: ReplicaReads = ReplicaReads.ON_FAILURE
-    """``on-failure``: lookups of the slots of a master that is down or does not answer in time
-    are read from one of its replicas (READONLY) until it answers again; ``off``: only masters
+    """``on-failure``: lookups of the slots of a master that is down, cut off or stalled are
+    read from one of its replicas (READONLY) until it answers again; ``off``: only masters
     answer, so that master's flows fall back. Never used for writes."""
 
     def read_password(self, environ: Mapping[str, str] | None = None) -> Secret | None:

@@ -14,7 +14,8 @@ backoff, so calls fail fast while it is down).
 
 Reads (`_exec_read`) answer item by item: the items of a master that cannot answer are
 `LOOKUP_FAILED`, the others are answered. With `read_from_replicas = "on-failure"` a master
-that failed a read (connect refused or timed out, connection lost, deadline) is marked
+that failed a read (connect refused or timed out, connection lost, or stalled: a deadline
+passed with nothing received for `_STALL_S`; a merely slow answer does not count) is marked
 failed: its items of the same call are re-sent to one of its replicas if time is left, and
 later reads of its slots go to the replica at once (on a READONLY connection of its own)
 until a background probe (PING every `_PROBE_S`) finds the master answering again, or a
@@ -103,6 +104,10 @@ class _Node:
 
 class _Deadline(Exception):
     pass
+
+
+class _Slow(StoreUnavailable):
+    """A group's deadline passed on a connection that is not stalled (the node answers, late)."""
 
 
 class ClusterClient:
@@ -581,7 +586,7 @@ class ClusterClient:
         for g, exc in failed:
             idxs, master, target = g
             if target is master:
-                if on_failure and master.replicas:
+                if on_failure and master.replicas and not isinstance(exc, _Slow):
                     self._master_failed(master)
                     replica = self._replica_of(master)
                     if replica is not None and self._loop.time() < deadline_at:
@@ -607,7 +612,10 @@ class ClusterClient:
                     out.append(await fut)
                 except _Deadline:
                     timeouts += 1
-                    out.append(StoreUnavailable(f"{conn.name}: deadline exceeded"))
+                    if conn.alive:  # (`_expire` aborted it if stalled)
+                        out.append(_Slow(f"{conn.name}: deadline exceeded"))
+                    else:
+                        out.append(StoreUnavailable(f"{conn.name}: deadline exceeded, stalled"))
                 except ConnectionError as exc:
                     self.counters["connection_errors"] += 1
                     out.append(StoreUnavailable(str(exc)))
