@@ -1638,6 +1638,7 @@ def _lookup_first_cases() -> list[GoldenCase]:
 
 
 def _forward_to_cases() -> list[GoldenCase]:
+    big_ack = tcp4(flags=A, payload=b"B" * (TUNNEL_MTU - 40 - 40 + 1))
     big_quote = ipv4(
         VIP4,
         CLIENT4,
@@ -1703,6 +1704,15 @@ def _forward_to_cases() -> list[GoldenCase]:
                     Verdict.PASS_NOT_SERVICE,
                     Verdict.PASS_NOT_IP,
                 ),
+                forward_to=2,
+            ),
+        ),
+        case(
+            "forward_to: a too-big TCP packet gets the too-big answer as in process (REPLY)",
+            Process(
+                (frame(big_ack),),
+                (Verdict.REPLY_TOO_BIG,),
+                tx=((REPLY, _too_big_reply4(big_ack)),),
                 forward_to=2,
             ),
         ),

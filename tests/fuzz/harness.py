@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from forwarder.fastpath import REPLY, TP_STATUS_CSUMNOTREADY, load_engine
-from tests.golden_packets import CASES, T0, golden_engine, normalised
+from tests.golden_packets import CASES, T0, VIPS, golden_engine, normalised
 
 MAX_FRAMES = 8
 
@@ -70,6 +70,11 @@ _PY: Any = load_engine("python")
 def one_input(data: bytes) -> None:
     frames, statuses, step = decode(data)
     c, py = golden_engine(_C), golden_engine(_PY)
+    if step & 1:  # odd clock steps: the UDP VIPs ask the store first (UDP misses, no NEW)
+        for engine in (c, py):
+            for vip_id, (ip, port, proto) in VIPS.items():
+                if proto == 17:
+                    engine.set_vip(vip_id, ip, port, proto, udp_lookup_first=True)
     for now in (T0, T0 + 1 + step * 1000):
         got = c.process(frames, now, statuses)
         check_fits(frames, got)
