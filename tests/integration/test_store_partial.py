@@ -21,11 +21,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 import pytest
 
 from flowstate.errors import StoreUnavailable
-from flowstate.flow import FiveTuple, Proto, key_slot
+from flowstate.flow import CLUSTER_SLOTS, FiveTuple, Proto, key_slot
 from flowstate.record import FlowRecord
+from flowstate.store._resp import RespConnection
 from flowstate.store.base import LOOKUP_FAILED, ReplicaReads, StoreConfig
 from flowstate.store.redis_cluster import RedisClusterStore
 
@@ -59,6 +61,143 @@ def records(n: int) -> list[FlowRecord]:
         FlowRecord(_rng.randbytes(16), _rng.randbytes(4), _rng.randrange(1 << 50), "pop0")
         for _ in range(n)
     ]
+
+
+# -- the executor's logic, on scripted connections (no cluster) ------------------------------
+
+
+class _Addr:
+    def __init__(self, port: int) -> None:
+        self.host, self.port, self.name = "127.0.0.1", port, f"127.0.0.1:{port}"
+
+
+class _FakeRedisPy:
+    """What the store reads of redis-py: a slot map of 3 masters (ports 1-3), each with a
+    replica (ports 11-13)."""
+
+    def __init__(self) -> None:
+        pairs = [[_Addr(p), _Addr(p + 10)] for p in (1, 2, 3)]
+        self.nodes_manager = self
+        self.slots_cache = {s: pairs[s * 3 // CLUSTER_SLOTS] for s in range(CLUSTER_SLOTS)}
+
+    async def initialize(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+class _Node:
+    """A scripted node: answers GETs from `data` (after `delay_s`), or holds them (`stalled`)."""
+
+    def __init__(self, conn: RespConnection, data: dict[bytes, bytes]) -> None:
+        self.conn, self.data = conn, data
+        self.delay_s = 0.0
+        self.stalled = False
+        self.gets = 0
+        self.aborted = False
+
+    def write(self, payload: bytes) -> None:
+        if self.stalled:
+            return
+        reader = hiredis.Reader()
+        reader.feed(payload)
+        out = []
+        while (cmd := reader.gets()) is not False:
+            assert cmd[0] == b"GET", cmd
+            self.gets += 1
+            v = self.data.get(cmd[1])
+            out.append(b"$-1\r\n" if v is None else b"$%d\r\n%b\r\n" % (len(v), v))
+        self.conn.loop.call_later(self.delay_s, self.conn.data_received, b"".join(out))
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.conn.loop.call_soon(self.conn.connection_lost, None)
+
+
+async def _scripted(
+    mode: ReplicaReads,
+) -> tuple[RedisClusterStore, dict[int, _Node], list[FiveTuple], list[FlowRecord]]:
+    """A store on scripted masters and replicas holding the same 300 records."""
+    ts, recs = tuples(300), records(300)
+    data = {t.key(): r.encode() for t, r in zip(ts, recs, strict=True)}
+    store = RedisClusterStore(
+        _FakeRedisPy(),  # type: ignore[arg-type]
+        password=None,
+        username=None,
+        config=StoreConfig(read_from_replicas=mode),
+        ssl_context=None,
+        fast_path=True,
+    )
+    nodes = {}
+    for node in store._nodes():
+        conn = RespConnection(asyncio.get_running_loop(), node.name)
+        nodes[node.port] = _Node(conn, data)
+        conn.connection_made(nodes[node.port])  # type: ignore[arg-type]
+        node.conn = conn
+    return store, nodes, ts, recs
+
+
+def _on_master(ts: list[FiveTuple], port: int) -> set[int]:
+    """Indices of the flows `_FakeRedisPy` puts on the master at `port`."""
+    return {i for i, t in enumerate(ts) if key_slot(t.key()) * 3 // CLUSTER_SLOTS == port - 1}
+
+
+async def test_a_slow_master_fails_its_keys_but_is_not_read_around() -> None:
+    """Late answers (the node is alive, its connection in sync) are no reason to read a
+    replica that may lag: the items fail this time, the master stays in use."""
+    store, nodes, ts, recs = await _scripted(ReplicaReads.ON_FAILURE)
+    try:
+        mine = _on_master(ts, 1)
+        nodes[1].delay_s = 0.1
+        got = await store.lookup_many(ts, partial=True, deadline_ms=30)
+        assert got == _expect(recs, mine)
+        assert store.counters["masters_failed"] == 0 and nodes[11].gets == 0
+        nodes[1].delay_s = 0
+        assert await store.lookup_many(ts, deadline_ms=5000) == recs
+        assert nodes[11].gets == 0 and not nodes[1].aborted
+    finally:
+        await store.close()
+
+
+async def test_a_stalled_master_is_read_around_from_the_next_call() -> None:
+    for mode in ReplicaReads:
+        store, nodes, ts, recs = await _scripted(mode)
+        try:
+            mine = _on_master(ts, 2)
+            nodes[2].stalled = True
+            # Silent past the stall limit: aborted at the deadline; no time left this call.
+            got = await store.lookup_many(ts, partial=True, deadline_ms=300)
+            assert got == _expect(recs, mine)
+            assert nodes[2].aborted
+            got = await store.lookup_many(ts, partial=True, deadline_ms=300)
+            if mode is ReplicaReads.OFF:
+                assert got == _expect(recs, mine) and nodes[12].gets == 0
+            else:
+                assert got == recs and nodes[12].gets == len(mine)
+                assert store.counters["replica_reads"] == len(mine)
+                assert store.counters["masters_failed"] == 1
+        finally:
+            await store.close()
+
+
+async def test_a_lost_connection_is_read_around_in_the_same_call() -> None:
+    store, nodes, ts, recs = await _scripted(ReplicaReads.ON_FAILURE)
+    try:
+        mine = _on_master(ts, 3)
+        nodes[3].stalled = True
+        call = asyncio.ensure_future(store.lookup_many(ts, partial=True, deadline_ms=5000))
+        await asyncio.sleep(0.01)
+        nodes[3].conn.connection_lost(ConnectionResetError("reset by peer"))
+        assert await call == recs  # time was left: its replica answered
+        assert nodes[13].gets == len(mine)
+    finally:
+        await store.close()
+
+
+# -- against the cluster ---------------------------------------------------------------------
 
 
 @dataclass
