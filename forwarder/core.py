@@ -88,6 +88,10 @@ class CoreConfig:
     """Cap of store writes (pins first, then releases, then touches); the rest is skipped."""
     max_batch: int = 512
     """Most flows in one store call."""
+    write_linger_ms: int = 0
+    """Pins, touches and releases wait up to this long for `max_batch` of them before they
+    are written (they hold no packet, lookups never wait): a round costs a send and a
+    receive per Redis master, more than a few pins do."""
     writeback_max: int = 100_000
     """Most pinnings kept for writing back after a store outage; oldest dropped beyond."""
     write_retry_ms: int = 500
@@ -153,6 +157,8 @@ class ForwardingCore:
         # failed write batch in a row, and a batch that succeeds ends the series.
         self._writeback_at = 0
         self._write_failures = 0
+        # When the store loop first found pins, touches or releases waiting (None: none wait).
+        self._linger_from: int | None = None
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "misses",
@@ -272,19 +278,45 @@ class ForwardingCore:
             return False
         if self._writeback and now_ms >= self._writeback_at:
             return True
-        return bool(self._pins or self._touches or self._releases)
+        return self._writes_due(now_ms)
+
+    def _writes_due(self, now_ms: int) -> bool:
+        """Whether pins, touches and releases go out now: `max_batch` of them wait, or the
+        oldest has waited `write_linger_ms` (counted from when the store loop first saw it)."""
+        waiting = len(self._pins) + len(self._touches) + len(self._releases)
+        if not waiting:
+            self._linger_from = None
+            return False
+        if self._linger_from is None:
+            self._linger_from = now_ms
+        return (
+            waiting >= self.config.max_batch
+            or now_ms - self._linger_from >= self.config.write_linger_ms
+        )
+
+    def writes_due_in(self, now_ms: int) -> int | None:
+        """ms until writes that wait (lingering, or write-backs after a failure) are due;
+        None if none wait. The driver sleeps no longer than this."""
+        due: list[int] = []
+        if self._writeback:
+            due.append(self._writeback_at - now_ms)
+        if self._linger_from is not None and (self._pins or self._touches or self._releases):
+            due.append(self._linger_from + self.config.write_linger_ms - now_ms)
+        return max(0, min(due)) if due else None
 
     # ---- store work ----------------------------------------------------------------------
 
     def take_store_work(
-        self, now_ms: int, wall_ms: int | None = None, *, writes: bool = True
+        self, now_ms: int, wall_ms: int | None = None, *, writes: bool = True, flush: bool = False
     ) -> StoreWork:
         """Next round of store calls: lookups of queued flows, and (if `writes`) writes under
-        the cap; write-backs only once the wait after a failed write batch has passed."""
+        the cap once due (`write_linger_ms`; at once if lookups go anyway); write-backs only
+        once the wait after a failed write batch has passed. `flush` (at stop): no lookups,
+        and writes are due at once."""
         work = StoreWork()
         limit = self.config.max_batch
         for flow in self._queued:
-            if len(work.lookups) >= limit:
+            if len(work.lookups) >= limit or flush:
                 break
             if flow not in self._in_flight:
                 work.lookups.append(flow)
@@ -300,7 +332,8 @@ class ForwardingCore:
         # encodes a record object once per call (`pin_many`).
         records: dict[tuple[int, bytes], FlowRecord] = {}
         pop = self.config.pop
-        sources = [self._pins]
+        due = self._writes_due(now_ms) or bool(work.lookups) or flush
+        sources = [self._pins] if due else []
         if now_ms >= self._writeback_at:
             sources.append(self._writeback)
         for source in sources:
@@ -321,12 +354,14 @@ class ForwardingCore:
                 if overwrite:
                     work.overwrites.add(flow)
                 self._tokens -= 1
-        while self._releases and len(work.releases) < limit and self._tokens >= 1:
+        while due and self._releases and len(work.releases) < limit and self._tokens >= 1:
             work.releases.append(self._releases.popitem(last=False)[0])
             self._tokens -= 1
-        while self._touches and len(work.touches) < limit and self._tokens >= 1:
+        while due and self._touches and len(work.touches) < limit and self._tokens >= 1:
             work.touches.append(self._touches.popitem(last=False)[0])
             self._tokens -= 1
+        if not (self._pins or self._touches or self._releases):
+            self._linger_from = None
         self._trim_pins()
         self.counters["pins"] += len(work.pins)
         self.counters["touches"] += len(work.touches)

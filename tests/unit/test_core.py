@@ -406,3 +406,36 @@ async def test_partial_lookup_contract_of_the_memory_store() -> None:
         await store.lookup_many(ts[2:], partial=True)
     assert await store.lookup_many(ts[:2]) == [rec, None]
     assert await store.lookup_many([], partial=True) == []
+
+
+async def test_writes_linger_to_fill_a_batch_and_lookups_never_wait(impl: str) -> None:
+    """With `write_linger_ms`, pins wait for a full batch or the linger, whichever comes first;
+    a lookup round takes them along at once, and lookups themselves never wait."""
+    store = MemoryStore()
+    pop = make_pop(impl, "pop1", BACKENDS[:3], write_linger_ms=5, max_batch=4)
+    feed(pop, [tcp_frame(43000, P.TCP_SYN)])
+    assert not pop.has_work(NOW) and pop.writes_due_in(NOW) == 5
+    assert not pop.take_store_work(NOW + 4).pins and pop.writes_due_in(NOW + 4) == 1
+    work = pop.take_store_work(NOW + 5)
+    assert [f for f, _r, _t in work.pins] == [flow(43000)]
+    pop.on_pins(work, await store.pin_many([(to_tuple(f), r, t) for f, r, t in work.pins]), NOW)
+    assert pop.writes_due_in(NOW + 5) is None and not pop.has_work(NOW + 100)
+
+    # A full batch goes at once.
+    feed(pop, [tcp_frame(port, P.TCP_SYN) for port in range(43001, 43005)], NOW + 10)
+    assert pop.has_work(NOW + 10) and len(pop.take_store_work(NOW + 10).pins) == 4
+
+    # A lookup is not held back, and the waiting pin goes with it.
+    feed(pop, [tcp_frame(43010, P.TCP_SYN)], NOW + 20)
+    assert not pop.has_work(NOW + 20)
+    feed(pop, [tcp_frame(43011, P.TCP_ACK)], NOW + 21)
+    assert pop.has_work(NOW + 21)
+    work = pop.take_store_work(NOW + 21)
+    assert work.lookups == [flow(43011)] and [f for f, _r, _t in work.pins] == [flow(43010)]
+
+    # At stop, what lingers is written at once, without lookups.
+    feed(pop, [tcp_frame(43020, P.TCP_SYN)], NOW + 30)
+    assert not pop.take_store_work(NOW + 30).pins
+    feed(pop, [tcp_frame(43021, P.TCP_ACK)], NOW + 30)
+    work = pop.take_store_work(NOW + 30, flush=True)
+    assert not work.lookups and [f for f, _r, _t in work.pins] == [flow(43020)]
