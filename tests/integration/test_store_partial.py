@@ -1,4 +1,5 @@
-"""Issue 7 against the real cluster: one master that cannot answer fails only its own keys.
+"""Issue 7: one master that cannot answer fails only its own keys (scripted nodes, then the
+real cluster).
 
 A lookup batch spread over every master, with one master stopped (SIGSTOP: it keeps its
 sockets and never answers, so calls meet their deadline) or killed (SIGKILL: connections
