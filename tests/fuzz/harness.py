@@ -2,8 +2,10 @@
 
 Both engines get the golden set-up, run the batch twice (the first run pins flows, the second,
 later, hits them: FORWARD, CLOSE, TOUCH, ICMP errors about known flows) and must return the same
-verdicts, output bytes, misses, events and counters. Every output must also fit the input: a
-tunnelled packet is at most its frame, a miss is one of the input frames.
+verdicts, output bytes, misses, events and counters; after each run both also `forward_to` the
+same frames to one backend (same output, no flow created). An odd clock step makes the UDP VIPs
+lookup-first. Every output must also fit the input: a tunnelled packet is at most its frame, a
+miss is one of the input frames.
 
 Input encoding (so that mutations stay meaningful): one byte `n` (frames, 1..8), a byte of clock
 step, then per frame a status byte (bit 0: TP_STATUS_CSUMNOTREADY), a 2-byte big-endian length
