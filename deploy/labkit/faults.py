@@ -501,6 +501,28 @@ def _redis_down(d: _FaultDriver) -> None:
     d.pause()
 
 
+def _fail_fabric_gateways(lab: Lab, pop: PopSite) -> dict[str, int]:
+    """Leave the cut POP's next hops to the backends FAILED, as the cut does until the kernel's
+    neighbour GC drops them (seconds to a minute later): the POP's kernel (it does not forward)
+    then skips their routes and answers with the default route, through the uplink, until it
+    re-probes them itself (`router_probe_interval`, 60 s). Pinned here, just before the link
+    comes back, so that every run meets that worst case; {"found": already FAILED, "set": by
+    this}."""
+    states: dict[str, str] = {}
+    for line in pop.ns.ip("-6", "neigh", "show", "dev", "fabric").splitlines():
+        words = line.split()
+        if words:
+            states[words[0]] = words[-1]
+    found = failed = 0
+    for site in lab.backends.values():
+        if states.get(site.fabric6) == "FAILED":
+            found += 1
+        else:
+            pop.ns.ip("-6", "neigh", "replace", site.fabric6, "dev", "fabric", "nud", "failed")
+            failed += 1
+    return {"found": found, "set": failed}
+
+
 def _pop_cut(d: _FaultDriver) -> None:
     pop = d.lab.pop(FIRST_POP)
     port = f"f-{pop.ns.role}"
@@ -524,16 +546,9 @@ def _pop_cut(d: _FaultDriver) -> None:
     d.change_backends()
     d.move("pop3")
     d.pause()
+    d.fault_run.checks["fabric_gateways_failed"] = _fail_fabric_gateways(d.lab, pop)
     link("up")
     d.undo.pop()
-
-    def forget_failed_neighbours() -> None:
-        # After the measurement: the POP's kernel keeps the fabric gateways FAILED and routes
-        # around them for up to a minute (see README, Reliability), which the next fault's
-        # fresh forwarders would inherit.
-        pop.ns.ip("-6", "neigh", "flush", "dev", "fabric")
-
-    d.undo.append(forget_failed_neighbours)
     d.note("redis", f"{pop.name} reconnected to the fabric")
     d.wait_cluster_healthy()
     pop.announce()

@@ -102,17 +102,14 @@ def test_redis_down(faults: dict[str, dict[str, Any]]) -> None:
     assert max(s["forwarder_rss_max_mb"].values()) < 400
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known product bug (README, Reliability): while the POP is cut its neighbour cache "
-    "follows the kernel's route lookup to the uplink router (the fabric gateway's neighbour entry "
-    "is FAILED, and a host that does not forward skips such routes) and never probes the fabric "
-    "gateway again, so for up to a minute (router_probe_interval) after the link is back the "
-    "POP tunnels into the uplink: its connections stall when the route returns to it. "
-    "Timing-dependent: it passes when the gateway's entry did not reach FAILED during the cut",
-)
 def test_pop_cut(faults: dict[str, dict[str, Any]]) -> None:
     s = faults["pop-cut"]
+    # The link came back with the cut POP's next hops to every backend FAILED (the cut leaves
+    # them so; the script pins it): its kernel routed the backends through the uplink and
+    # the forwarder's neighbour cache had to probe the skipped gateways to return to the
+    # fabric before the route came back to that POP.
+    failed = s["checks"]["fabric_gateways_failed"]
+    assert failed["found"] + failed["set"] == LabSize().backends, failed
     no_connection_lost(s)
     late_pinnings_everywhere(s)
 
