@@ -14,12 +14,12 @@ backoff, so calls fail fast while it is down).
 
 Reads (`_exec_read`) answer item by item: the items of a master that cannot answer are
 `LOOKUP_FAILED`, the others are answered. With `read_from_replicas = "on-failure"` a master
-that failed a read (connect refused or timed out, connection lost, or stalled: a deadline
-passed with nothing received for `_STALL_S`; a merely slow answer does not count) is marked
-failed: its items of the same call are re-sent to one of its replicas if time is left, and
-later reads of its slots go to the replica at once (on a READONLY connection of its own)
-until a background probe (PING every `_PROBE_S`) finds the master answering again, or a
-new slot map no longer lists it as a master (failover).
+that failed a read (connect refused or timed out, connection lost, or silent: a deadline
+passed with nothing received for `silent_s` while replies are owed; a merely slow answer
+does not count) is marked failed: its items of the same call are re-sent to one of its
+replicas if time is left, and later reads of its slots go to the replica at once (on a
+READONLY connection of its own) until a background probe (PING every `_PROBE_S`) finds the
+master answering again, or a new slot map no longer lists it as a master (failover).
 """
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ _REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
 #: A connection owing replies that received nothing for this long is aborted at the next
 #: deadline that passes on it.
 _STALL_S = 0.2
+#: A read's deadline that passes with nothing received for this long on a connection owing
+#: replies marks its master failed (reads go to a replica; the connection is kept until it
+#: stalls). Below the default lookup patience (100 ms), so that the flows of a hung master
+#: are answered by its replica when asked again, not by Maglev.
+_SILENT_S = 0.05
 #: ... or that owes more replies than this (requests pile up faster than it answers).
 _MAX_OWED = 250_000
 _BACKOFF_MIN = 0.02
@@ -107,7 +112,7 @@ class _Deadline(Exception):
 
 
 class _Slow(StoreUnavailable):
-    """A group's deadline passed on a connection that is not stalled (the node answers, late)."""
+    """A group's deadline passed on a connection that is not silent (the node answers, late)."""
 
 
 class ClusterClient:
@@ -138,6 +143,8 @@ class ClusterClient:
         self._watch: asyncio.Task[None] | None = None
         self._refresh_after = 0.0
         self._closed = False
+        #: See `_SILENT_S` (tests raise it to tell a slow master from a silent one).
+        self.silent_s = _SILENT_S
         self._wheel: dict[int, dict[int, _Pend]] = {}
         self._wheel_buckets: list[int] = []
         self._tick: asyncio.TimerHandle | None = None
@@ -612,10 +619,12 @@ class ClusterClient:
                     out.append(await fut)
                 except _Deadline:
                     timeouts += 1
-                    if conn.alive:  # (`_expire` aborted it if stalled)
-                        out.append(_Slow(f"{conn.name}: deadline exceeded"))
-                    else:
+                    if not conn.alive:  # `_expire` aborted it: stalled
                         out.append(StoreUnavailable(f"{conn.name}: deadline exceeded, stalled"))
+                    elif conn.stalled(self._loop.time(), self.silent_s, _MAX_OWED):
+                        out.append(StoreUnavailable(f"{conn.name}: deadline exceeded, silent"))
+                    else:
+                        out.append(_Slow(f"{conn.name}: deadline exceeded"))
                 except ConnectionError as exc:
                     self.counters["connection_errors"] += 1
                     out.append(StoreUnavailable(str(exc)))

@@ -13,10 +13,11 @@ need all answers) any unanswered item raises `StoreUnavailable`, as before. A fa
 that may be pinned elsewhere). Writes are never partial: they answer or raise.
 
 With `StoreConfig.read_from_replicas` ("on-failure", the default) the Redis store reads the
-slots of a master that failed (connect refused, connection lost, stalled: silent for 200 ms
-while it owes replies; not a merely late answer) from one of its replicas (READONLY) until
-the master answers a probe again. Replicas lag their master by milliseconds: fine for the
-flows a lookup is for (pinned earlier, moved here with a route).
+slots of a master that failed (connect refused, connection lost, silent for 50 ms while it
+owes replies; not a merely late answer) from one of its replicas (READONLY) until the master
+answers a probe again (the fast path's; the redis-py reference path reads masters only).
+Replicas lag their master by milliseconds: fine for the flows a lookup is for (pinned
+earlier, moved here with a route).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class ReplicaReads(enum.StrEnum):
     OFF = "off"
     """Only masters answer; a master that is down fails its items."""
     ON_FAILURE = "on-failure"
-    """A master that failed (connect refused, connection lost, stalled) has its slots read
+    """A master that failed (connect refused, connection lost, silent) has its slots read
     from one of its replicas until it answers a probe again. Lookups only, never writes."""
 
 

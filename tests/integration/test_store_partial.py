@@ -150,6 +150,7 @@ async def test_a_slow_master_fails_its_keys_but_is_not_read_around() -> None:
     """Late answers (the node is alive, its connection in sync) are no reason to read a
     replica that may lag: the items fail this time, the master stays in use."""
     store, nodes, ts, recs = await _scripted(ReplicaReads.ON_FAILURE)
+    store.silent_s = 60.0  # however loaded the machine, the late node never seems silent
     try:
         mine = _on_master(ts, 1)
         nodes[1].delay_s = 0.1
@@ -182,6 +183,22 @@ async def test_a_stalled_master_is_read_around_from_the_next_call() -> None:
                 assert store.counters["masters_failed"] == 1
         finally:
             await store.close()
+
+
+async def test_a_silent_master_is_read_around_before_its_connection_stalls() -> None:
+    """Silent for `silent_s` (50 ms) at a deadline: its replica answers from the next call on,
+    within a forwarder's lookup patience (100 ms), before the 200 ms stall would abort."""
+    store, nodes, ts, recs = await _scripted(ReplicaReads.ON_FAILURE)
+    try:
+        mine = _on_master(ts, 2)
+        nodes[2].stalled = True
+        got = await store.lookup_many(ts, partial=True, deadline_ms=60)  # never fires early
+        assert got == _expect(recs, mine)
+        assert store.counters["masters_failed"] == 1
+        assert await store.lookup_many(ts, partial=True, deadline_ms=5000) == recs
+        assert nodes[12].gets == len(mine)
+    finally:
+        await store.close()
 
 
 async def test_a_lost_connection_is_read_around_in_the_same_call() -> None:
