@@ -155,12 +155,10 @@ def resolve(user: str, group: str | None = None) -> Identity:
 
 
 def runs_as(identity: Identity) -> bool:
-    """Whether this process already runs as `identity` (real, effective and saved ids)."""
-    return (
-        set(os.getresuid()) == {identity.uid}
-        and set(os.getresgid()) == {identity.gid}
-        and set(os.getgroups()) == set(identity.groups)
-    )
+    """Whether this process already runs as `identity` (real, effective and saved uid and
+    gid). Its supplementary groups are then the launcher's choice (systemd's
+    SupplementaryGroups= may add some /etc/group does not list)."""
+    return set(os.getresuid()) == {identity.uid} and set(os.getresgid()) == {identity.gid}
 
 
 def check_can_switch(identity: Identity) -> None:
@@ -182,7 +180,8 @@ def switch_user(identity: Identity, keep: Sequence[int] = WORKER_CAPABILITIES) -
     `keep` effective and permitted and nothing else (bounding set included), and set
     PR_SET_NO_NEW_PRIVS. Already that user (systemd's ``User=``): only the capabilities change.
     Returns the mask kept; OSError if any step is refused or `keep` is not all there after."""
-    if not runs_as(identity):
+    switched = not runs_as(identity)
+    if switched:
         # Keep the permitted set across the change of uid (the kernel would clear it), so
         # that the capabilities we keep can be made effective again below.
         _prctl(_PR_SET_KEEPCAPS, 1, "PR_SET_KEEPCAPS")
@@ -194,7 +193,7 @@ def switch_user(identity: Identity, keep: Sequence[int] = WORKER_CAPABILITIES) -
     _prctl(_PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
     # Trust, but verify: the ids, the capabilities, and that root is out of reach.
     effective, permitted, inheritable = capabilities()
-    if not runs_as(identity):
+    if not runs_as(identity) or (switched and set(os.getgroups()) != set(identity.groups)):
         raise OSError(errno.EPERM, f"still uid {os.getresuid()} gid {os.getresgid()}")
     if (effective, permitted, inheritable) != (mask(keep), mask(keep), 0):
         raise OSError(

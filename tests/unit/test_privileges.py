@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -133,3 +134,28 @@ def check_files_as_the_user(tmp_path: Path) -> None:
         timeout=60,
     )
     assert json.loads(done.stdout) == [f"store.password_file {secret}: Permission denied"]
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_already_the_user_with_ambient_capabilities_only_drops_the_rest() -> None:
+    """systemd's User= with AmbientCapabilities=: no switch, the two kept, ambient cleared."""
+    code = (
+        "import json; from forwarder import privileges as p;"
+        "kept = p.switch_user(p.resolve('nobody'));"
+        "print(json.dumps([kept, list(p.capabilities()), open('/proc/self/status').read()]))"
+    )
+    caps = "+net_raw,+net_admin"
+    ids = [f"--reuid={NOBODY.uid}", f"--regid={NOBODY.gid}", "--clear-groups"]
+    done = subprocess.run(
+        ["setpriv", *ids, f"--inh-caps={caps}", f"--ambient-caps={caps}", sys.executable],
+        input=code,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    kept, (effective, permitted, inheritable), status = json.loads(done.stdout)
+    both = 1 << privileges.CAP_NET_RAW | 1 << privileges.CAP_NET_ADMIN
+    assert kept == effective == permitted == both and inheritable == 0
+    assert "CapAmb:\t0000000000000000" in status and "NoNewPrivs:\t1" in status
