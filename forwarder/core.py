@@ -248,15 +248,17 @@ class ForwardingCore:
                     self._icmp_only.discard(flow)
             else:
                 self.counters["miss_queue_full"] += 1
+        pins, releases, touches = self._pins, self._releases, self._touches
         for event, flow, backend_id in result.events:
-            if event == EVENT_NEW:
-                self._pins[flow] = backend_id
-                self._releases.pop(flow, None)
+            if event == EVENT_NEW:  # one per new flow: kept to the bare minimum
+                pins[flow] = backend_id
+                if releases:
+                    releases.pop(flow, None)
             elif event == EVENT_CLOSE:
-                self._releases[flow] = None
-                self._touches.pop(flow, None)
+                releases[flow] = None
+                touches.pop(flow, None)
             elif event == EVENT_TOUCH:
-                self._touches[flow] = None
+                touches[flow] = None
             elif event == EVENT_EVICTED:
                 self.counters["evictions"] += 1
         # Here, not only when writes are taken: without a store connection they never are,
