@@ -270,8 +270,8 @@ def run_syns(lab: StoreLab, pps: int, seconds: float, latency: PinLatency | None
 
 
 def drain(lab: StoreLab, quiet_s: float = 0.6, timeout: float = 15.0) -> None:
-    """Wait until neither Redis nor the forwarder's pin counters change for `quiet_s` (a
-    failed write batch pauses writes for 0.5 s before it is written back)."""
+    """Wait until neither Redis nor the forwarder's pin counters change for `quiet_s` (the
+    pins of a failed write batch are written back after up to 0.5 s)."""
 
     def state() -> tuple[int, int, int]:
         c = lab.worker_counters()
