@@ -26,6 +26,10 @@ FlowT = tuple[int, bytes, int, bytes, int]
 #: Per-flow events, one line each at debug (`key=value` fields); never per packet.
 flow_log = logging.getLogger("flowstate.flows")
 
+#: Failed write batches in a row after which the store is taken to be failing: then all
+#: writes wait out the retry backoff, not only the failed pins (a store that is down is not
+#: sent a doomed batch per round).
+WRITE_FAILURES_TO_PAUSE = 3
 #: Engine event codes (forwarder/DATAPATH.md).
 EVENT_NEW, EVENT_CLOSE, EVENT_TOUCH, EVENT_EVICTED = 1, 2, 3, 4
 
@@ -291,10 +295,15 @@ class ForwardingCore:
             return False
         if self._linger_from is None:
             self._linger_from = now_ms
+        if self._writes_paused(now_ms):
+            return False
         return (
             waiting >= self.config.max_batch
             or now_ms - self._linger_from >= self.config.write_linger_ms
         )
+
+    def _writes_paused(self, now_ms: int) -> bool:
+        return self._write_failures >= WRITE_FAILURES_TO_PAUSE and now_ms < self._writeback_at
 
     def writes_due_in(self, now_ms: int) -> int | None:
         """ms until writes that wait (lingering, or write-backs after a failure) are due;
@@ -303,7 +312,10 @@ class ForwardingCore:
         if self._writeback:
             due.append(self._writeback_at - now_ms)
         if self._linger_from is not None and (self._pins or self._touches or self._releases):
-            due.append(self._linger_from + self.config.write_linger_ms - now_ms)
+            at = self._linger_from + self.config.write_linger_ms
+            if self._writes_paused(now_ms):
+                at = max(at, self._writeback_at)
+            due.append(at - now_ms)
         return max(0, min(due)) if due else None
 
     # ---- store work ----------------------------------------------------------------------
@@ -521,7 +533,8 @@ class ForwardingCore:
 
         A failed batch does not stop other writes: its pins are written back (NX conflicts
         keep ours: their packets went to ours meanwhile) after a wait that doubles with each
-        failed batch in a row, from `write_retry_min_ms` up to `write_retry_ms`.
+        failed batch in a row, from `write_retry_min_ms` up to `write_retry_ms`. From the
+        `WRITE_FAILURES_TO_PAUSE`th failure in a row every write waits that long.
         """
         if stored is None:
             cfg = self.config

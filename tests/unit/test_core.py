@@ -280,8 +280,8 @@ async def test_pin_conflict_with_a_dead_backend_overwrites(impl: str) -> None:
 
 async def test_failed_pin_batch_is_retried_with_backoff_while_new_pins_go_on(impl: str) -> None:
     """A failed write batch holds back only its own pins (written back after a wait that
-    doubles with each failure in a row); pins of new flows are written meanwhile, and no pin
-    of the failed batches is lost."""
+    doubles with each failure in a row); pins of new flows are written meanwhile (until the
+    third failure in a row), and no pin of the failed batches is lost."""
     store = MemoryStore()
     pop = make_pop(impl, "pop1", BACKENDS[:3], write_retry_min_ms=10, write_retry_ms=35)
     feed(pop, [tcp_frame(port, P.TCP_SYN) for port in range(41000, 41004)])
@@ -301,11 +301,14 @@ async def test_failed_pin_batch_is_retried_with_backoff_while_new_pins_go_on(imp
     retry = pop.take_store_work(NOW + 21)
     assert retry.writebacks == {flow(p) for p in (41000, 41001, 41002, 41003, 41010)}
     pop.on_pins(retry, None, NOW + 21)  # third failure in a row: 40 ms, capped at 35
+    # From the third failure in a row the store is taken to be failing: new pins wait too.
+    feed(pop, [tcp_frame(41011, P.TCP_SYN)], NOW + 30)
+    assert not pop.has_work(NOW + 30) and pop.writes_due_in(NOW + 30) == 26
     assert not pop.take_store_work(NOW + 55).pins
     retry = pop.take_store_work(NOW + 56)
-    assert len(retry.pins) == 5
+    assert len(retry.pins) == 6 and len(retry.writebacks) == 5
     pop.on_pins(retry, await store.pin_many([(to_tuple(f), r, t) for f, r, t in retry.pins]), NOW)
-    for port in (41000, 41001, 41002, 41003, 41010):
+    for port in (41000, 41001, 41002, 41003, 41010, 41011):
         (rec,) = await store.lookup_many([to_tuple(flow(port))])
         entry = pop.engine.lookup(flow(port))
         assert rec is not None and entry is not None and rec.backend_ip == BACKENDS[entry[0]]
