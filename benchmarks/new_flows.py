@@ -62,6 +62,10 @@ PINNED_THRESHOLD = 0.99
 #: How long after the last SYN the records may take to appear (the pinning latency budget).
 PIN_GRACE_S = 0.3
 MIN_PROBE_PPS = 5_000
+#: Paced rate of the probe whose CPU per pinned flow is comparable across runs and code
+#: versions (the carried rate's is not: it differs from run to run, and the cost per flow
+#: falls with the rate as batches grow). Low enough for a generator on a loaded machine.
+FIXED_PPS = 20_000
 #: Latency sample: SYNs whose client address has these bits clear (1 in 256).
 SAMPLE_MASK = 0xFF
 POLL_S = 0.001
@@ -147,6 +151,8 @@ class RoundResult:
     overload: Probe
     best: Probe | None
     probes: list[Probe]
+    fixed: Probe | None = None
+    """The FIXED_PPS probe."""
 
     @property
     def generator_limited(self) -> bool:
@@ -333,7 +339,7 @@ class NewFlowsBenchmark(Benchmark):
         s = Settings.of(options)
         probe = s.probe_seconds + PIN_GRACE_S + 0.4
         rb = (len(s.peers) - 1) * (0.5 + s.rb_requests / 400_000)
-        per_round = (1 + s.search_steps) * probe + rb
+        per_round = (2 + s.search_steps) * probe + rb
         return Plan(steps=1 + s.rounds * len(s.peers), seconds=7 + s.rounds * per_round)
 
     def run(self, ctx: Context) -> Report:
@@ -424,7 +430,8 @@ class NewFlowsBenchmark(Benchmark):
             f"{tag}: {shown}; overload {overload.offered_pps:,.0f} SYN/s → "
             f"{overload.pins_per_s:,.0f} pins/s"
         )
-        return RoundResult(overload, best, probes)
+        fixed = run_syns(lab, FIXED_PPS, settings.probe_seconds, None)
+        return RoundResult(overload, best, probes, fixed)
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -454,6 +461,8 @@ def build_report(found: dict[str, list[Any]], settings: Settings) -> Report:
     # cost stayed linear: a figure the generator's limit does not cap.
     cpu_us = [1e6 * p.forwarder_cpu / p.offered_pps for p in best_probes if p.offered_pps]
     cpu_per_pin = Stats.of(cpu_us) if cpu_us else None
+    fixed = [r.fixed for r in rounds if r.fixed is not None and r.fixed.offered_pps]
+    cpu_fixed = Stats.of([1e6 * p.forwarder_cpu / p.offered_pps for p in fixed]) if fixed else None
     per_core = 1e6 / cpu_per_pin.median if cpu_per_pin and cpu_per_pin.median else 0.0
     r_main = round(ratio(pins, rb), 3)
     data: dict[str, Any] = {
@@ -475,6 +484,11 @@ def build_report(found: dict[str, list[Any]], settings: Settings) -> Report:
         "pin_latency_p99_ms": Stats.of(lat_p99).to_json(3) if lat_p99 else None,
         "backlog_at_end": Stats.of(backlog).to_json(0) if backlog else None,
         "forwarder_cpu_us_per_pin": cpu_per_pin.to_json(2) if cpu_per_pin else None,
+        "forwarder_cpu_us_per_pin_at_fixed_rate": cpu_fixed.to_json(2) if cpu_fixed else None,
+        "fixed_rate": {
+            "target_pps": FIXED_PPS,
+            "probes": [p.to_json() for p in fixed],
+        },
         "implied_pins_per_core": round(per_core),
         "ratio_implied_per_core_vs_redis_benchmark": round(per_core / rb.median, 3)
         if rb.median
@@ -547,6 +561,11 @@ def build_report(found: dict[str, list[Any]], settings: Settings) -> Report:
             f"forwarder CPU per pinned flow at the carried rate: {cpu_per_pin.median:.1f} us "
             f"-> one core would pin ~{per_core / 1000:.0f}k/s if linear "
             f"({per_core / rb.median if rb.median else 0:.2f}x redis-benchmark)"
+        )
+    if cpu_fixed is not None:
+        notes.append(
+            f"forwarder CPU per pinned flow at {FIXED_PPS:,} SYN/s paced (comparable across "
+            f"runs): {cpu_fixed.median:.1f} us [{cpu_fixed.min:.1f}-{cpu_fixed.max:.1f}]"
         )
     return Report(
         "new_flows", data, headers, rows, notes, plot=lambda plt, out: plot_pins(plt, out, rounds)
