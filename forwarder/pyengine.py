@@ -100,8 +100,8 @@ def flow_hash64(flow: FlowT) -> int:
 
 
 def mix64(k: int) -> int:
-    """MurmurHash3's 64-bit finalizer (`fp_mix64`): a flow's second bucket is `mix64(hash64) %
-    n_buckets`."""
+    """MurmurHash3's 64-bit finalizer (`fp_mix64`): a flow's second bucket is `(mix64(hash64) *
+    n_buckets) >> 64`."""
     k ^= k >> 33
     k = (k * 0xFF51AFD7ED558CCD) & _MASK64
     k ^= k >> 33
@@ -435,7 +435,7 @@ class Engine:
     def _bucket_bases(self, hash64: int) -> tuple[int, ...]:
         """First slots of a flow's candidate buckets: b1, then b2 unless it is b1."""
         b1 = hash64 % self._n_buckets
-        b2 = mix64(hash64) % self._n_buckets
+        b2 = (mix64(hash64) * self._n_buckets) >> 64
         return (b1 * BUCKET_SLOTS,) if b2 == b1 else (b1 * BUCKET_SLOTS, b2 * BUCKET_SLOTS)
 
     def _insert(

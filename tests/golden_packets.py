@@ -376,7 +376,7 @@ def _mix64(k: int) -> int:
 def buckets(flow: FlowT) -> tuple[int, int]:
     """A flow's candidate buckets (b1, b2) in the golden table."""
     h = hash64(flow)
-    return h % N_BUCKETS, _mix64(h) % N_BUCKETS
+    return h % N_BUCKETS, (_mix64(h) * N_BUCKETS) >> 64
 
 
 def same_bucket_ports(
