@@ -30,6 +30,8 @@ from forwarder.metrics import VERDICTS, diff_histogram, quantile
 
 #: Engine verdicts that are not drops and not packets for us.
 _PASSES = ("pass_not_ip", "pass_not_vip", "pass_not_service")
+#: The Redis store client's reads around failed masters (`[store] read_from_replicas`).
+_REPLICA_COUNTERS = ("masters_failed", "replica_reads", "replica_failures", "failed_items")
 #: Slow-path and ring counters shown among the drops.
 _OTHER_DROPS = (
     ("engine", "tx_errors"),
@@ -310,6 +312,9 @@ def summarize(
         "drops": _drops(verdicts, engine, core, rings),
         "store_latency": {},
     }
+    client = [w.get("store", {}).get("counters", {}) for w in workers]
+    if any(k in c for c in client for k in _REPLICA_COUNTERS):  # the Redis store's client
+        out["store_client"] = {k: sum(c.get(k, 0) for c in client) for k in _REPLICA_COUNTERS}
     prev_latency = _latency(prev["workers"]) if prev is not None else {}
     for op, snap in latency.items():
         window = diff_histogram(snap, prev_latency.get(op)) if prev is not None else snap
@@ -387,6 +392,13 @@ def format_stats(s: dict[str, Any], errors: Sequence[dict[str, Any]] = ()) -> st
                 f"  {op:<8} {lat['calls']} calls, {lat['errors']} failed; p50 "
                 f"{seconds(lat['p50_s'])}, p99 {seconds(lat['p99_s'])}, avg {seconds(lat['avg_s'])}"
             )
+    sc = s.get("store_client")
+    if sc is not None:
+        lines.append(
+            f"  replicas {sc['replica_reads']} lookups read from a replica, masters failed "
+            f"{sc['masters_failed']}, replica failures {sc['replica_failures']}; "
+            f"{sc['failed_items']} lookups unanswered"
+        )
     lines.append(f"fallbacks  {n('fallbacks')} (Maglev instead of the store)")
     drops = ", ".join(f"{k} {v}" for k, v in sorted(s["drops"].items())) or "none"
     lines.append(f"drops      {drops}")

@@ -48,6 +48,16 @@ LATENCY_BUCKETS = (
     0.5,
     1.0,
 )
+#: Help of the store client's counters that say more than their name (the others: "Store
+#: client: " and the name); `flowstate_store_client_<name>_total`.
+STORE_CLIENT_HELP = {
+    "masters_failed": "Store client: times a master was marked failed (its slots read from a "
+    "replica until it answers again)",
+    "replica_reads": "Store client: lookups a replica answered for a failed master",
+    "replica_failures": "Store client: batches a failed master's replica did not answer either",
+    "failed_items": "Store client: lookups answered LOOKUP_FAILED (neither master nor replica "
+    "answered in time)",
+}
 #: Longest request head the metrics endpoint reads.
 _MAX_HEAD = 8192
 
@@ -228,7 +238,7 @@ class _Snapshot(Collector):
                 family(
                     client,
                     f"flowstate_store_client_{name}",
-                    f"Store client: {name.replace('_', ' ')}",
+                    STORE_CLIENT_HELP.get(name, f"Store client: {name.replace('_', ' ')}"),
                     [],
                 ).add_metric(lv, value)
             for ring in w.get("rings", []):

@@ -264,6 +264,27 @@ def test_stats_rates_from_two_samples() -> None:
     assert "worker 1 (pid 11)" in format_stats(s2, [{"worker": 2, "message": "gone"}])
 
 
+def test_stats_show_replica_reads() -> None:
+    """The Redis store client's reads around failed masters, summed over the workers; no line
+    for a store without them (the in-process one)."""
+    w0, w1 = _stats({"forward": 1}, 2), _stats({"forward": 1}, 2, 11, 1)
+    w0["store"] = {"connected": True, "counters": {"masters_failed": 1, "replica_reads": 40,
+                   "replica_failures": 0, "failed_items": 3, "timeouts": 2}}  # fmt: skip
+    w1["store"] = {"connected": True, "counters": {"masters_failed": 1, "replica_reads": 2,
+                   "replica_failures": 1, "failed_items": 0}}  # fmt: skip
+    s = summarize({"pop": "p", "workers": [w0, w1]}, None, None)
+    assert s["store_client"] == {
+        "masters_failed": 2, "replica_reads": 42, "replica_failures": 1, "failed_items": 3
+    }  # fmt: skip
+    text = format_stats(s)
+    assert "replicas 42 lookups read from a replica, masters failed 2, replica failures 1; " in (
+        text
+    )
+    assert "3 lookups unanswered" in text
+    plain = summarize({"pop": "p", "workers": [_stats({"forward": 1}, 2)]}, None, None)
+    assert "store_client" not in plain and "replica" not in format_stats(plain)
+
+
 def test_backends_table_marks_runtime_changes() -> None:
     vip = {"vip": "tcp 192.0.2.10:80", "maglev_size": 200, "backends": [
         {"address": B1, "weight": 100, "state": "active", "healthy": None, "slots": 100,

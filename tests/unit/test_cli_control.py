@@ -366,6 +366,26 @@ def test_render_is_valid_without_workers() -> None:
     assert b"flowstate_packets" in render("pop1", [])
 
 
+def test_render_exports_the_store_clients_replica_counters() -> None:
+    counters = {"masters_failed": 1, "replica_reads": 40, "replica_failures": 2,
+                "failed_items": 3, "timeouts": 5}  # fmt: skip
+    workers = [
+        {"worker": w, "store": {"connected": True, "counters": {**counters, "replica_reads": n}}}
+        for w, n in ((0, 40), (1, 7))
+    ]
+    families = {f.name: f for f in text_string_to_metric_families(render("pop1", workers).decode())}
+    for name, value in counters.items():
+        fam = families[f"flowstate_store_client_{name}"]
+        assert fam.type == "counter"
+        got = {s.labels["worker"]: s.value for s in fam.samples if s.name.endswith("_total")}
+        assert got == {"0": value, "1": 7 if name == "replica_reads" else value}
+    assert (
+        "replica answered for a failed master"
+        in families["flowstate_store_client_replica_reads"].documentation
+    )
+    assert families["flowstate_store_client_timeouts"].documentation == "Store client: timeouts"
+
+
 async def test_socket_in_use_for_the_supervisor(tmp_path: Path) -> None:
     config = make_config(tmp_path, workers=2)
     assert socket_in_use(config.control.socket) is None
