@@ -83,6 +83,9 @@ STORE_COUNTERS = (
     "writeback_conflicts",
     "writeback_dropped",
 )
+STORE_CLIENT_COUNTERS = ("timeouts", "connection_errors", "connect_failures", "fast_fail", "moved")
+REPLICA_COUNTERS = ("masters_failed", "replica_reads", "replica_failures", "failed_items")
+"""The store client's reads around failed masters (`read_from_replicas`), also per POP."""
 
 Log = Callable[[str], None]
 
@@ -455,8 +458,10 @@ def _redis_master_kill(d: _FaultDriver) -> None:
 
     d.undo.append(restart)
     d.note("fault", f"Redis master {victim.addr} SIGKILLed")
-    # During the failover: the next POP looks every flow up; the dead master's keys fail
-    # (Maglev answers, right for flows whose backend set did not change).
+    # During the failover: the next POP looks every flow up; the dead master's keys are read
+    # from its replica (`read_from_replicas = "on-failure"`: the store client reads around a
+    # master whose connection is lost or silent), and what still fails Maglev answers (right
+    # for flows whose backend set did not change). It never waits for the dead master.
     d.move("pop2")
     if not wait_until(lambda: _failed_over(spec, str(victim.id)), 60, 0.2):
         raise RuntimeError("no replica took over the killed master's slots within 60 s")
@@ -736,8 +741,11 @@ def summarize_fault(run: FaultRun) -> dict[str, Any]:
             for pop, c in sorted(run.per_pop.items())
         },
         "store_client": {
-            k: run.totals.get(f"store.{k}", 0)
-            for k in ("timeouts", "connection_errors", "connect_failures", "fast_fail", "moved")
+            k: run.totals.get(f"store.{k}", 0) for k in STORE_CLIENT_COUNTERS + REPLICA_COUNTERS
+        },
+        "per_pop_store_client": {
+            pop: {k: c.get(f"store.{k}", 0) for k in REPLICA_COUNTERS}
+            for pop, c in sorted(run.per_pop.items())
         },
         "forwarder_rss_max_mb": {p: round(kb / 1024, 1) for p, kb in run.rss_max_kb.items()},
         "checks": run.checks,
