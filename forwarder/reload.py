@@ -159,9 +159,13 @@ async def apply_config(fwd: Forwarder, config: ForwarderConfig) -> None:
     fwd.health.configure(config)
     await replan(fwd, config, down=fwd.health.down(), dead=fwd.health.dead())
     if neighbours is not None:
+        # The cache's links as they are now, not as the refresh above found them: meanwhile
+        # (replan waits for its thread) the background refresh may have resolved a new backend,
+        # a change it could not hand over then (the plan had no id for it yet) and will not
+        # report again. Handing over the older "unresolved" left it without a next hop.
         links = neighbours.links()
-        fresh = {ip: links[ip] for ip in fwd.plan.backend_ids if ip not in before and ip in links}
-        fwd._on_links({**fresh, **changed})
+        new = [ip for ip in fwd.plan.backend_ids if ip not in before]
+        fwd._on_links({ip: links[ip] for ip in [*new, *changed] if ip in links})
     s = config.store
     fwd.core.config = replace(
         fwd.core.config,
