@@ -1,4 +1,4 @@
-"""`flowstate backends ls|drain|undrain|weight`, `flowstate stats` and `flowstate reload`: a
+"""`flowstate backends ls|drain|undrain|weight|reset`, `flowstate stats` and `flowstate reload`: a
 running forwarder, through its control API."""
 
 from __future__ import annotations
@@ -48,23 +48,41 @@ def add_parsers(sub: Any) -> None:
         "backends",
         help="list, drain, undrain or re-weight backends of a running forwarder",
         description="Backends of a running forwarder, through its control API. Changes apply "
-        "to every worker at once and last until the forwarder restarts (edit the config file "
-        "to keep them). Draining: no new flows; pinned flows continue until they end.",
+        "to every worker at once and are runtime overrides of the config file: kept in the "
+        "forwarder's state file ([control] state_file), they outlive reloads and restarts until "
+        "cleared (`undrain`, `weight --reset`, `reset`), or until the config file says the same "
+        "or no longer has the backend. `ls` marks them with '*'. Draining: no new flows; pinned "
+        "flows continue until they end.",
     )
-    bsub = b.add_subparsers(dest="backends_cmd", metavar="{ls,drain,undrain,weight}", required=True)
-    ls = bsub.add_parser("ls", help="backends per VIP: weight, state, health, share of new flows")
+    bsub = b.add_subparsers(
+        dest="backends_cmd", metavar="{ls,drain,undrain,weight,reset}", required=True
+    )
+    ls = bsub.add_parser(
+        "ls",
+        help="backends per VIP: weight, state (* runtime override), health, share of new flows",
+    )
     ls.add_argument("--vip", metavar="V", type=_vip, help="only this VIP (ADDR[:PORT][/PROTO])")
     _common(ls)
     ls.set_defaults(run=run_backends_ls)
     for name, doc in (
         ("drain", "stop sending new flows to a backend; pinned flows continue"),
-        ("undrain", "let a drained backend take new flows again"),
-        ("weight", "set a backend's weight (0..65535; 0 takes no new flows)"),
+        ("undrain", "let a drained backend take new flows again (clears a drain override)"),
+        (
+            "weight",
+            "set a backend's weight (0..65535; 0 takes no new flows), or --reset it to the "
+            "config file's",
+        ),
+        ("reset", "clear a backend's runtime overrides: the config file's state and weight"),
     ):
         p = bsub.add_parser(name, help=doc, description=doc[0].upper() + doc[1:] + ".")
         p.add_argument("backend", metavar="BACKEND", help="the backend's IPv6 address")
         if name == "weight":
-            p.add_argument("weight", metavar="WEIGHT", type=_weight, help="new weight")
+            p.add_argument("weight", metavar="WEIGHT", type=_weight, nargs="?", help="new weight")
+            p.add_argument(
+                "--reset",
+                action="store_true",
+                help="back to the config file's weight (clears the weight override)",
+            )
         p.add_argument(
             "--vip", metavar="V", type=_vip, help="only on this VIP (default: every VIP)"
         )
@@ -153,43 +171,69 @@ async def run_backends_ls(args: argparse.Namespace) -> int:
     if wants_json(args):
         emit_json(answer)
     else:
-        print(format_backends(answer["vips"]))
+        state_file = dict(answer).get("state_file")
+        print(format_backends(answer["vips"], state_file if isinstance(state_file, str) else None))
     return EXIT_OK
 
 
-def format_backends(vips: Sequence[Any]) -> str:
+def format_backends(vips: Sequence[Any], state_file: str | None = None) -> str:
+    """The `backends ls` table; a value that is a runtime override (not the config file's)
+    has a '*', and the footnote gives the config file's value."""
     rows: list[list[str]] = []
-    changed = False
+    notes: list[str] = []
     for v in vips:
         for b in v["backends"]:
-            mark = ""
-            if b["weight"] != b["configured_weight"] or b["state"] != b["configured_state"]:
-                mark, changed = "*", True
+            mark = wmark = ""
+            was: list[str] = []
+            if b["state"] != b["configured_state"]:
+                mark = "*"
+                was.append(b["configured_state"])
+            if b["weight"] != b["configured_weight"]:
+                wmark = "*"
+                was.append(f"weight {b['configured_weight']}")
+            if was:
+                notes.append(f"{b['address']} on {v['vip']}: the config file says {', '.join(was)}")
             healthy = {None: "unchecked", True: "healthy", False: "DOWN"}[b["healthy"]]
             share = 100.0 * b["slots"] / v["maglev_size"] if v["maglev_size"] else 0.0
             rows.append(
                 [
                     v["vip"],
                     b["address"],
-                    str(b["weight"]),
+                    str(b["weight"]) + wmark,
                     b["state"] + mark,
                     healthy,
                     f"{share:.1f}%",
                 ]
             )
     text = table(["VIP", "BACKEND", "WEIGHT", "STATE", "HEALTH", "NEW FLOWS"], rows)
-    if changed:
-        text += "\n* changed at runtime (not in the config file; lost on restart)"
+    if notes:
+        kept = (
+            f"kept in {state_file} across reloads and restarts"
+            if state_file
+            else "in memory only: lost at the next reload or restart"
+        )
+        text += "".join(f"\n* {note}" for note in notes)
+        text += (
+            f"\n* changed at runtime: an override of the config file, {kept}; "
+            "`flowstate backends reset BACKEND` clears it"
+        )
     return text
 
 
 async def run_backends_change(args: argparse.Namespace) -> int:
+    if args.change == "weight" and (args.weight is None) != args.reset:
+        raise UsageError("weight: give either WEIGHT or --reset")
     async with await _client(args) as client:
         try:
+            target = {"backend": args.backend, "vip": args.vip and args.vip.to_params()}
             if args.change == "drain":
                 answer = await client.drain(args.backend, args.vip)
             elif args.change == "undrain":
                 answer = await client.undrain(args.backend, args.vip)
+            elif args.change == "reset":
+                answer = await client.call("reset", target)
+            elif args.reset:
+                answer = await client.call("weight", {**target, "reset": True})
             else:
                 answer = await client.set_weight(args.backend, args.weight, args.vip)
         except ControlError as exc:
@@ -200,7 +244,10 @@ async def run_backends_change(args: argparse.Namespace) -> int:
         print(format_change(args.change, args.backend, answer))
     for err in answer["errors"]:
         print(f"flowstate: worker {err['worker']} not changed: {err['message']}", file=sys.stderr)
-    return EXIT_FAILED if answer["errors"] else EXIT_OK
+    save_error = dict(answer).get("save_error")
+    if save_error:
+        print(f"flowstate: change live but {save_error}", file=sys.stderr)
+    return EXIT_FAILED if answer["errors"] or save_error else EXIT_OK
 
 
 def format_change(change: str, backend: str, answer: ChangeAnswer) -> str:
@@ -211,7 +258,12 @@ def format_change(change: str, backend: str, answer: ChangeAnswer) -> str:
         f"{c['backend']} on {c['vip']}: {c['state']}, weight {c['weight']}"
         for c in answer["changed"]
     ]
-    done = {"drain": "drained", "undrain": "undrained", "weight": "re-weighted"}[change]
+    done = {
+        "drain": "drained",
+        "undrain": "undrained",
+        "weight": "re-weighted",
+        "reset": "reset to the config file",
+    }[change]
     lines.append(f"{done} on workers {workers}")
     return "\n".join(lines)
 

@@ -278,6 +278,10 @@ class ControlConfig:
     """Unix socket of the control API (used by the `flowstate` CLI)."""
     metrics: Endpoint | None = Endpoint("127.0.0.1", 9412)
     """Where Prometheus metrics are served; None (``""`` in TOML) disables them."""
+    state_file: Path | None = Path("/var/lib/flowstate/overrides/backends.json")
+    """Where runtime backend changes (`flowstate backends drain|undrain|weight`) are kept, so
+    that they outlive reloads and restarts (forwarder.overrides); in a directory of its own
+    (given to `user`). None (``""`` in TOML) keeps them in memory only, until a reload."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -685,6 +689,9 @@ def _parse_control(s: _Section, base_dir: Path | None) -> ControlConfig:
         text = s.string("metrics")
         metrics = _parse_endpoint(s.name("metrics"), text) if text else None
         c = replace(c, metrics=metrics)
+    if "state_file" in s.data:
+        text = s.string("state_file")
+        c = replace(c, state_file=s.file_path("state_file", base_dir) if text else None)
     return c
 
 

@@ -36,7 +36,7 @@ from flowstate.control_client import (
 from flowstate.errors import ConfigError, StoreUnavailable, UsageError
 from flowstate.flow import FiveTuple
 from flowstate.record import FlowRecord
-from forwarder import maglev
+from forwarder import maglev, overrides
 from forwarder.bgp import announcer_status
 from forwarder.config import BackendConfig, BackendState, ForwarderConfig, VipConfig
 from forwarder.metrics import MetricsServer, StoreLatency
@@ -156,6 +156,7 @@ class Operations:
             "drain": self._drain,
             "undrain": self._undrain,
             "weight": self._weight,
+            "reset": self._reset,
             "reload": self._reload,
         }
 
@@ -526,33 +527,69 @@ class Operations:
     async def _backends(self, params: dict[str, Any]) -> dict[str, Any]:
         raw = params.get("vip")
         selector = VipSelector.from_params(raw) if raw is not None else None
+        state_file = self.configured.control.state_file
         return {
             "pop": self.fwd.config.pop,
             "worker": self.fwd.worker,
             "vips": self.vip_infos(selector),
+            "state_file": None if state_file is None else str(state_file),
         }
 
     async def _drain(self, params: dict[str, Any]) -> dict[str, Any]:
         return await self._change(
-            "drain", params, lambda b: replace(b, state=BackendState.DRAINING)
+            "drain", params, lambda v, b: replace(b, state=BackendState.DRAINING)
         )
 
     async def _undrain(self, params: dict[str, Any]) -> dict[str, Any]:
         return await self._change(
-            "undrain", params, lambda b: replace(b, state=BackendState.ACTIVE)
+            "undrain", params, lambda v, b: replace(b, state=BackendState.ACTIVE)
         )
 
     async def _weight(self, params: dict[str, Any]) -> dict[str, Any]:
+        if params.get("reset") is True:  # back to the config file's weight
+            return await self._change(
+                "weight", params, lambda v, b: replace(b, weight=self._as_configured(v, b).weight)
+            )
         weight = params.get("weight")
         if type(weight) is not int or not 0 <= weight <= maglev.MAX_WEIGHT:
             raise Refusal("bad_params", f"weight must be an integer 0..{maglev.MAX_WEIGHT}")
-        return await self._change("weight", params, lambda b: replace(b, weight=weight))
+        return await self._change("weight", params, lambda v, b: replace(b, weight=weight))
+
+    async def _reset(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Drop a backend's runtime overrides: the config file's state and weight again."""
+        return await self._change("reset", params, self._as_configured)
+
+    def _as_configured(self, v: VipConfig, b: BackendConfig) -> BackendConfig:
+        for cv in self.configured.vips:
+            if _vip_key(cv) == _vip_key(v):
+                for cb in cv.backends:
+                    if cb.address == b.address:
+                        return replace(b, state=cb.state, weight=cb.weight)
+        return b
+
+    def _save_overrides(self) -> str | None:
+        """Worker 0: write the running overrides to the state file (forwarder.overrides); why
+        not (the change itself is live anyway), or None."""
+        path = self.configured.control.state_file
+        if path is None:
+            return None
+        try:
+            previous = overrides.load(path)
+        except overrides.StateFileError:
+            previous = {}
+        try:
+            overrides.save(path, overrides.diff(self.configured, self.fwd.config, previous))
+        except OSError as exc:
+            log.error("overrides: cannot write %s: %s", path, exc.strerror or exc)
+            reason = exc.strerror or exc
+            return f"not saved to {path} ({reason}): lost at the next reload or restart"
+        return None
 
     async def _change(
         self,
         method: str,
         params: dict[str, Any],
-        edit: Callable[[BackendConfig], BackendConfig],
+        edit: Callable[[VipConfig, BackendConfig], BackendConfig],
     ) -> dict[str, Any]:
         """Apply `edit` to the backend in every selected VIP, then on the other workers."""
         text = params.get("backend")
@@ -563,6 +600,7 @@ class Operations:
         raw = params.get("vip")
         selector = VipSelector.from_params(raw) if raw is not None else None
         changed: list[dict[str, Any]] = []
+        save_error: str | None = None
         async with self._change_lock:
             config = self.fwd.config
             vips: list[VipConfig] = []
@@ -578,7 +616,7 @@ class Operations:
                 for b in v.backends:
                     if b.address == backend:
                         found = True
-                        new = edit(b)
+                        new = edit(v, b)
                         if new != b:
                             changed.append(
                                 {
@@ -608,11 +646,19 @@ class Operations:
                         c["state"],
                         c["weight"],
                     )
+            if self.fwd.worker == 0 and not params.get("local"):
+                # One writer: worker 0, for the whole forwarder (the others apply in memory).
+                save_error = self._save_overrides()
         answers, errors = await self._ask_peers(method, params)
         workers = [self.fwd.worker]
         for answer in answers:
             workers.extend(answer.get("workers", []))
-        return {"changed": changed, "workers": workers, "errors": errors}
+        result: dict[str, Any] = {"changed": changed, "workers": workers, "errors": errors}
+        if not params.get("local"):
+            state_file = self.configured.control.state_file
+            result["state_file"] = None if state_file is None else str(state_file)
+            result["save_error"] = save_error
+        return result
 
     async def _reload(self, params: dict[str, Any]) -> dict[str, Any]:
         """Re-read the config file here and on the other workers (as SIGHUP does)."""

@@ -21,6 +21,7 @@ from forwarder.privileges import (
 
 if TYPE_CHECKING:
     from forwarder.config import ForwarderConfig
+    from forwarder.privileges import Identity
 
 log = logging.getLogger("flowstate.forwarder")
 
@@ -132,6 +133,7 @@ def become_user(config: ForwarderConfig, config_path: str | None) -> bool:
         identity = privileges.resolve(config.user, config.group)
         if os.geteuid() == 0:
             privileges.give_socket_directory(config.control.socket, identity)
+            _give_state_directory(config, identity)
         privileges.preload()
         kept = privileges.switch_user(identity)
     except (LookupError, OSError) as exc:
@@ -149,6 +151,15 @@ def become_user(config: ForwarderConfig, config_path: str | None) -> bool:
     return True
 
 
+def _give_state_directory(config: ForwarderConfig, identity: Identity) -> None:
+    """The state file of runtime overrides is written by worker 0 (one writer, no round trip
+    to the root supervisor): with `user`, its directory must be the user's."""
+    from forwarder import overrides
+
+    if config.control.state_file is not None:
+        overrides.give_directory(config.control.state_file, identity)
+
+
 def _can_become_user(config: ForwarderConfig, args_config: str | None) -> bool:
     """The supervisor's checks before it starts workers that would switch to `user`: whether
     they can, and the control socket's directory given to it (so that the first problem is
@@ -161,6 +172,7 @@ def _can_become_user(config: ForwarderConfig, args_config: str | None) -> bool:
         privileges.check_can_switch(identity)
         if os.geteuid() == 0:
             privileges.give_socket_directory(config.control.socket, identity)
+            _give_state_directory(config, identity)
     except (LookupError, OSError) as exc:
         print(f"flowstate-forwarder: cannot run as user {config.user}: {exc}", file=sys.stderr)
         return False

@@ -5,8 +5,9 @@ limits change live, through `control.replan` (the path of drain): flows to backe
 configured are untouched; flows of a removed backend or VIP are dropped from the local table
 (their next packet is looked up, and the record naming a backend no longer configured is
 rejected: Maglev decides). Settings read once at start-up are reported as needing a restart and
-keep their running value. An invalid file changes nothing. Runtime changes (drain, weight) are
-replaced by the file's values: the file is what a reload applies.
+keep their running value. An invalid file changes nothing. Runtime changes (drain, weight) stay
+over the file's values (forwarder.overrides), except those of backends no longer configured and
+those the file now agrees with.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from flowstate.errors import ConfigError
+from forwarder import overrides
 from forwarder.config import ForwarderConfig, VipConfig, load_config
 
 if TYPE_CHECKING:
@@ -122,7 +124,10 @@ async def reload_config(fwd: Forwarder) -> dict[str, Any]:
         answer["error"] = {"field": exc.field, "reason": exc.reason}
         return answer
     async with fwd.change_lock:
-        config, needs = merge(fwd.config, loaded)
+        configured, needs = merge(fwd.config, loaded)
+        # The runtime overrides (state file) go back over the file's values.
+        running = overrides.diff(fwd.configured, fwd.config, {})
+        config, _ = overrides.reapply(configured, writer=fwd.worker == 0, running=running)
         changes = describe(fwd.config, config)
         try:
             await apply_config(fwd, config)
@@ -130,7 +135,7 @@ async def reload_config(fwd: Forwarder) -> dict[str, Any]:
             log.exception("reload: applying %s failed", path)
             answer["error"] = {"field": "(apply)", "reason": f"{type(exc).__name__}: {exc}"}
             return answer
-        fwd.configured = config
+        fwd.configured = configured
     for line in changes:
         log.info("reload: %s", line)
     if needs:

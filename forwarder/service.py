@@ -553,13 +553,16 @@ async def serve(
     it reports its health there for the supervisor's BGP announcer (forwarder.bgp)."""
     import signal
 
+    from forwarder import overrides
     from forwarder.neigh import NeighbourCache
 
     engine = make_engine(config)
     rings = open_rings(config, fanout_group)
     neighbours = NeighbourCache([b.address for v in config.vips for b in v.backends])
+    # Runtime backend changes (drain, weight) made before a restart run again from the start.
+    running, _ = overrides.reapply(config, writer=worker == 0)
     fwd = Forwarder(
-        config,
+        running,
         engine,
         rings,
         store_factory=lambda: open_store(config),
@@ -568,6 +571,7 @@ async def serve(
         operations=True,
         config_path=config_path,
     )
+    fwd.configured = config
     fwd.when_forwarding.append(settle_gc)
     if heartbeat_fd is not None:
         from forwarder.bgp import heartbeat

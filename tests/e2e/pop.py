@@ -203,6 +203,7 @@ class Pop:
             f'password_env = "FLOWSTATE_E2E_REDIS_PASSWORD"\nlookup_deadline_ms = 20\n'
             f"write_deadline_ms = 200\n"
             f'[control]\nsocket = "{self.workdir}/ctl.sock"\nmetrics = ""\n'
+            f'state_file = "{self.workdir}/state/backends.json"\n'
             + vip(VIP4, 80, "tcp")
             + vip(VIP6, 80, "tcp")
             + vip(VIP4, 53, "udp")

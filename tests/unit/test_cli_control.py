@@ -48,7 +48,11 @@ def make_config(tmp_path: Path, impl: str = "python", workers: int = 1) -> Forwa
             "source_ipv6": "2001:db8:f0::1",
             "impl": impl,
             "workers": workers,
-            "control": {"socket": str(tmp_path / "ctl.sock"), "metrics": ""},
+            "control": {
+                "socket": str(tmp_path / "ctl.sock"),
+                "metrics": "",
+                "state_file": str(tmp_path / "state" / "backends.json"),
+            },
             "vip": vips,
         }
     )
