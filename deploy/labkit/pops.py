@@ -83,6 +83,8 @@ def forwarder_config(pop: PopSite, settings: ForwarderSettings, backends: Backen
             text += f'tls = true\ntls_ca_file = "{ca}"\ntls_cert_file = "{cert}"\n'
             text += f'tls_key_file = "{key}"\n'
     text += f'\n[control]\nsocket = "{pop.control_socket}"\nmetrics = ""\n'
+    # Runtime overrides (the scenario's drains) per POP and per run, not in /var/lib.
+    text += f'state_file = "{pop.workdir}/{pop.name}-state/backends.json"\n'
     for address, port, proto in (
         (VIP4, HTTP_PORT, "tcp"),
         (VIP6, HTTP_PORT, "tcp"),
