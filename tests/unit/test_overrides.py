@@ -4,6 +4,7 @@ laying overrides over a config (start, reload), bad files; and through a real in
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from flowstate import cli
+from flowstate.cli_ops import format_backends
 from flowstate.control_client import VipSelector
 from forwarder import overrides
 from forwarder.config import BackendState, ForwarderConfig, load_config, parse_config
@@ -272,6 +275,37 @@ def test_give_directory_takes_over_only_its_own(tmp_path: Path) -> None:
     assert os.stat(shared).st_uid == 0
 
 
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+def test_ls_marks_each_overridden_value_and_says_where_it_is_kept() -> None:
+    vip = {"vip": f"tcp {VIP}:80", "maglev_size": 200, "backends": [
+        {"address": B1, "weight": 100, "state": "active", "healthy": None, "slots": 200,
+         "configured_weight": 100, "configured_state": "active"},
+        {"address": B2, "weight": 0, "state": "draining", "healthy": None, "slots": 0,
+         "configured_weight": 100, "configured_state": "active"},
+    ]}  # fmt: skip
+    lines = format_backends([vip], "/var/lib/flowstate/overrides/backends.json").splitlines()
+    assert "*" not in lines[1]
+    assert "0*" in lines[2] and "draining*" in lines[2]
+    assert lines[3] == f"* {B2} on tcp {VIP}:80: the config file says active, weight 100"
+    assert lines[-1].startswith("* changed at runtime: an override of the config file, kept in ")
+    assert "/var/lib/flowstate/overrides/backends.json" in lines[-1]
+    memory = format_backends([vip], None).splitlines()[-1]
+    assert "in memory only: lost at the next reload or restart" in memory
+    vip["backends"] = vip["backends"][:1]
+    assert "changed at runtime" not in format_backends([vip], None)
+
+
+@pytest.mark.parametrize("extra", [[], ["7", "--reset"]])
+def test_weight_needs_a_weight_or_reset(
+    extra: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["backends", "weight", B1, *extra, "--socket", str(tmp_path / "none.sock")]
+    assert cli.main(argv) == 2
+    assert "give either WEIGHT or --reset" in capsys.readouterr().err
+
+
 # --- through a real forwarder's control API ------------------------------------------------------
 
 
@@ -299,8 +333,11 @@ async def test_drain_outlives_reload_and_restart_until_undrained(tmp_path: Path)
             assert dict(listing)["state_file"] == str(path)
             await c.set_weight(B1, 0)
             assert len(overrides.load(path)) == 3  # B3 drained, B1 weight 0 on both VIPs
-            await c.call("weight", {"backend": B1, "vip": None, "reset": True})
-            assert overrides.load(path).keys() == {key(80, B3)}
+        argv = ["backends", "weight", B1, "--reset", "--socket", str(r.path)]
+        code = await asyncio.to_thread(cli.main, argv)
+        assert code == 0
+        assert overrides.load(path).keys() == {key(80, B3)}
+        assert backend(r.fwd.config, 53, B1) == ("active", 100)
     finally:
         await stop(r)
     # A restart (what `serve` does at start): the drain is there again.
@@ -314,8 +351,11 @@ async def test_drain_outlives_reload_and_restart_until_undrained(tmp_path: Path)
             assert undrained["changed"]
             assert overrides.load(path) == {}
             await c.drain(B2)
-            await c.call("reset", {"backend": B2, "vip": None})
-            assert overrides.load(path) == {}
-            assert backend(r.fwd.config, 80, B2) == ("active", 100)
+            await c.set_weight(B2, 3, VipSelector.parse(f"{VIP}:53/udp"))
+            assert len(overrides.load(path)) == 2
+        code = await asyncio.to_thread(cli.main, ["backends", "reset", B2, "--socket", str(r.path)])
+        assert code == 0
+        assert overrides.load(path) == {}
+        assert backend(r.fwd.config, 80, B2) == ("active", 100)
     finally:
         await stop(r)
