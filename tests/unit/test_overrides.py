@@ -13,6 +13,7 @@ import re
 import stat
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -279,7 +280,7 @@ def test_give_directory_takes_over_only_its_own(tmp_path: Path) -> None:
 
 
 def test_ls_marks_each_overridden_value_and_says_where_it_is_kept() -> None:
-    vip = {"vip": f"tcp {VIP}:80", "maglev_size": 200, "backends": [
+    vip: dict[str, Any] = {"vip": f"tcp {VIP}:80", "maglev_size": 200, "backends": [
         {"address": B1, "weight": 100, "state": "active", "healthy": None, "slots": 200,
          "configured_weight": 100, "configured_state": "active"},
         {"address": B2, "weight": 0, "state": "draining", "healthy": None, "slots": 0,
