@@ -164,7 +164,10 @@ typedef struct fp_backend {
 
 typedef struct fp_engine {
     fp_slot *slots;
-    size_t slots_bytes;
+    size_t slots_bytes; /* the mapping's length (munmap) */
+    /* 1 if the table is madvise(MADV_HUGEPAGE)d, 0 if smaller than a huge page or madvise
+     * failed (then table_madvise_errno is its errno): counters() table_hugepages. */
+    int table_hugepages, table_madvise_errno;
     uint32_t capacity;
     uint32_t n_buckets;
     uint32_t hand; /* expire() clock hand */

@@ -165,6 +165,44 @@ def test_largest_table_is_reserved_not_touched() -> None:
     del engine
 
 
+def huge_advised_mappings() -> set[tuple[int, int]]:
+    """(start, end) of this process's mappings madvise(MADV_HUGEPAGE)d (VmFlags "hg")."""
+    found: set[tuple[int, int]] = set()
+    span: tuple[int, int] | None = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = head.split("-")
+                span = (int(start, 16), int(end, 16))
+            elif head == "VmFlags:" and span is not None and "hg" in line.split()[1:]:
+                found.add(span)
+    return found
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"), reason="kernel without THP"
+)
+def test_table_of_huge_pages_is_aligned_advised_and_unmapped() -> None:
+    hpage = 2 << 20
+    small = make_engine(capacity=1024)  # 48 KiB: no huge page fits, left alone
+    assert (small.counters()["table_hugepages"], small.counters()["table_madvise_errno"]) == (0, 0)
+    before = huge_advised_mappings()
+    capacity = 65536 + 8  # 3 MiB and a bit: one aligned huge page and a 4 KiB tail
+    engine = make_engine(capacity=capacity)
+    counters = engine.counters()
+    assert (counters["table_hugepages"], counters["table_madvise_errno"]) == (1, 0)
+    assert engine.capacity == counters["capacity"] == capacity
+    table = huge_advised_mappings() - before
+    assert len(table) == 1
+    ((start, end),) = table
+    assert start % hpage == 0
+    assert end - start == -(-capacity * 48 // resource.getpagesize()) * resource.getpagesize()
+    del engine
+    gc.collect()
+    assert not huge_advised_mappings() - before  # munmap'd
+
+
 def test_full_table_evicts_and_never_grows() -> None:
     engine = configured(capacity=4096)
     before = rss_bytes()
