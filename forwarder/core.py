@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Protocol
 
 from flowstate.flow import FiveTuple, Proto
@@ -347,9 +348,9 @@ class ForwardingCore:
         records: dict[tuple[int, bytes], FlowRecord] = {}
         pop = self.config.pop
         due = self._writes_due(now_ms) or bool(work.lookups) or flush
-        sources = [self._pins] if due else []
-        if now_ms >= self._writeback_at:
-            sources.append(self._writeback)
+        if due and self._pins:
+            self._take_pins(work.pins, limit, records, created, ttl)
+        sources = [self._writeback] if now_ms >= self._writeback_at else []
         for source in sources:
             while source and len(work.pins) < limit and self._tokens >= 1:
                 flow, backend_id = source.popitem(last=False)
@@ -382,13 +383,54 @@ class ForwardingCore:
         self.counters["releases"] += len(work.releases)
         return work
 
+    def _take_pins(
+        self,
+        out: list[tuple[FlowT, FlowRecord, int]],
+        limit: int,
+        records: dict[tuple[int, bytes], FlowRecord],
+        created: int,
+        ttl: int,
+    ) -> None:
+        """Move the oldest NEW pins into `out` (up to `limit` in all, one write token each;
+        pins of a backend no longer known are dropped without one). In bulk: one new flow
+        costs one pass of this loop, not a `popitem` and the checks of write-backs."""
+        pins = self._pins
+        pop = self.config.pop
+        backend_ips = self._backend_ips
+        append = out.append
+        taken = 0
+        while pins:
+            room = min(limit - len(out), int(self._tokens) - taken)
+            if room <= 0:
+                break
+            if room >= len(pins):
+                batch = list(pins.items())
+                pins.clear()
+            else:
+                batch = list(islice(pins.items(), room))
+                for flow, _ in batch:
+                    del pins[flow]
+            for flow, backend_id in batch:
+                vip = flow[3]
+                rec = records.get((backend_id, vip))
+                if rec is None:
+                    backend = backend_ips.get(backend_id)
+                    if backend is None:
+                        continue
+                    rec = records[backend_id, vip] = FlowRecord(backend, vip, created, pop)
+                append((flow, rec, ttl))
+                taken += 1
+        self._tokens -= taken
+
     def _trim_pins(self) -> None:
         """Past the cap, pins of a flood are dropped rather than queued without bound: the
         flows still work locally and Maglev gives other POPs the same answer."""
         overflow = len(self._pins) - 4 * self.config.max_writes_per_s
-        for _ in range(max(0, overflow)):
-            self._pins.popitem(last=False)
-            self.counters["writes_rate_limited"] += 1
+        if overflow > 0:
+            pins = self._pins
+            for flow in list(islice(pins, overflow)):
+                del pins[flow]
+            self.counters["writes_rate_limited"] += overflow
 
     def _refill(self, now_ms: int) -> None:
         rate = self.config.max_writes_per_s

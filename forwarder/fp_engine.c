@@ -105,19 +105,44 @@ done:
     return rc;
 }
 
+/* A tuple of `n` new references, or NULL (and every item released) if one is NULL or the tuple
+ * cannot be allocated. Direct PyTuple_New: Py_BuildValue parses its format for every event
+ * (one NEW event per new flow; measured ~2x the cost of building the objects themselves). */
+static PyObject *tuple_of(Py_ssize_t n, PyObject **items) {
+    PyObject *t = NULL;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (items[i] == NULL)
+            goto fail;
+    t = PyTuple_New(n);
+    if (t == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyTuple_SET_ITEM(t, i, items[i]); /* steals */
+    return t;
+fail:
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_XDECREF(items[i]);
+    return NULL;
+}
+
 static PyObject *flow_tuple(const void *key_bytes) {
     fp_key k;
     memcpy(&k, key_bytes, sizeof(k));
     Py_ssize_t alen = (k.family & 0x0F) == 4 ? 4 : 16; /* a slot's high nibble: state */
-    return Py_BuildValue("(iy#iy#i)", (int)k.proto, (const char *)k.client_ip, alen,
-                         (int)k.client_port, (const char *)k.vip_ip, alen, (int)k.vip_port);
+    PyObject *items[5] = {
+        PyLong_FromLong((long)k.proto),
+        PyBytes_FromStringAndSize((const char *)k.client_ip, alen),
+        PyLong_FromLong((long)k.client_port),
+        PyBytes_FromStringAndSize((const char *)k.vip_ip, alen),
+        PyLong_FromLong((long)k.vip_port),
+    };
+    return tuple_of(5, items);
 }
 
 static int append_event(PyObject *events, int code, const void *key_bytes, int backend_id) {
-    PyObject *flow = flow_tuple(key_bytes);
-    if (flow == NULL)
-        return -1;
-    PyObject *ev = Py_BuildValue("(iNi)", code, flow, backend_id);
+    PyObject *items[3] = {PyLong_FromLong(code), flow_tuple(key_bytes),
+                          PyLong_FromLong(backend_id)};
+    PyObject *ev = tuple_of(3, items);
     if (ev == NULL)
         return -1;
     int rc = PyList_Append(events, ev);
@@ -837,6 +862,44 @@ static PyObject *engine_set_maglev(FpEngineObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* flow_keys(flows): each flow's Redis key, KEY_PREFIX + its 16-byte mmh3 x64_128 digest over the
+ * canonical encoding (flowstate.flow.FiveTuple.key()), so the store does not hash in Python. */
+static PyObject *engine_flow_keys(FpEngineObject *self FP_UNUSED, PyObject *flows) {
+    PyObject *seq = PySequence_Fast(flows, "flows must be a sequence of flows");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *out = PyList_New(n);
+    if (out == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        fp_key k;
+        uint64_t h[2];
+        if (flow_arg(items[i], &k) < 0)
+            goto error;
+        fp_key_digest(&k, h);
+        PyObject *key = PyBytes_FromStringAndSize(NULL, FP_KEY_PREFIX_LEN + 16);
+        if (key == NULL)
+            goto error;
+        uint8_t *b = (uint8_t *)PyBytes_AS_STRING(key);
+        memcpy(b, FP_KEY_PREFIX, FP_KEY_PREFIX_LEN);
+        for (int j = 0; j < 8; j++) {
+            b[FP_KEY_PREFIX_LEN + j] = (uint8_t)(h[0] >> (8 * j));
+            b[FP_KEY_PREFIX_LEN + 8 + j] = (uint8_t)(h[1] >> (8 * j));
+        }
+        PyList_SET_ITEM(out, i, key);
+    }
+    Py_DECREF(seq);
+    return out;
+error:
+    Py_DECREF(seq);
+    Py_DECREF(out); /* unset items are NULL: list dealloc skips them */
+    return NULL;
+}
+
 static PyObject *engine_maglev_pick(FpEngineObject *self, PyObject *args) {
     PyObject *id_o, *hash_o;
     if (!PyArg_ParseTuple(args, "OO:maglev_pick", &id_o, &hash_o))
@@ -1130,6 +1193,8 @@ static PyMethodDef engine_methods[] = {
      "backend_link(backend_id) -> (ifindex, src_mac, dst_mac, mtu) or None (no link info)."},
     {"set_maglev", (PyCFunction)engine_set_maglev, METH_VARARGS,
      "set_maglev(vip_id, table): array('H') bytes of backend ids; b'' = no backend."},
+    {"flow_keys", (PyCFunction)engine_flow_keys, METH_O,
+     "flow_keys(flows) -> list of each flow's Redis key (FiveTuple.key())."},
     {"maglev_pick", (PyCFunction)engine_maglev_pick, METH_VARARGS,
      "maglev_pick(vip_id, hash64) -> backend_id or -1."},
     {"process", (PyCFunction)(void (*)(void))engine_process, METH_VARARGS | METH_KEYWORDS,

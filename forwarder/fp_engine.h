@@ -50,6 +50,9 @@ enum { ST_ESTABLISHED = 1, ST_CLOSING = 2 };
 #define FP_USE_TABLE (-2) /* batch mode: the flow table decides (forward_to() passes a backend) */
 enum { FP_MISS_PACKET = 0, FP_MISS_ICMP = 1 }; /* last element of a `misses` item */
 #define FP_HASH_SEED 0x666C6F77u
+/* flowstate.flow.KEY_PREFIX: a flow's Redis key is this + its 16-byte digest (flow_keys). */
+#define FP_KEY_PREFIX "fs1:"
+#define FP_KEY_PREFIX_LEN 4
 #define FP_BUCKET_SLOTS 8
 #define FP_MAX_CAPACITY (1u << 24)
 #define FP_MAX_VIPS 256

@@ -32,11 +32,10 @@ static inline void fp_key_set(fp_key *k, uint8_t family, uint8_t proto, const ui
     memcpy(k->vip_ip, vip_ip, alen);
 }
 
-/* hash64 of a flow: h1 of mmh3 x64_128 over the canonical encoding (flowstate.flow.encode). */
-static inline uint64_t fp_key_hash(const fp_key *k) {
+/* mmh3 x64_128 (h1, h2) of a flow's canonical encoding (flowstate.flow.FiveTuple.digest()). */
+static inline void fp_key_digest(const fp_key *k, uint64_t out[2]) {
     uint8_t buf[38];
     size_t alen = k->family == 4 ? 4 : 16;
-    uint64_t out[2];
     buf[0] = k->family;
     buf[1] = k->proto;
     buf[2] = (uint8_t)(k->client_port >> 8);
@@ -46,6 +45,12 @@ static inline uint64_t fp_key_hash(const fp_key *k) {
     memcpy(buf + 6, k->client_ip, alen);
     memcpy(buf + 6 + alen, k->vip_ip, alen);
     fp_mmh3_x64_128(buf, 6 + 2 * alen, FP_HASH_SEED, out);
+}
+
+/* hash64 of a flow: h1 of mmh3 x64_128 over the canonical encoding (flowstate.flow.encode). */
+static inline uint64_t fp_key_hash(const fp_key *k) {
+    uint64_t out[2];
+    fp_key_digest(k, out);
     return out[0];
 }
 

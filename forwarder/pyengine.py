@@ -14,7 +14,7 @@ from typing import NamedTuple
 import mmh3
 
 from flowstate.errors import UsageError
-from flowstate.flow import HASH_SEED
+from flowstate.flow import HASH_SEED, flow_key
 from forwarder.packet import (
     BUCKET_SLOTS,
     ENCAP_OVERHEAD,
@@ -338,6 +338,17 @@ class Engine:
         entries = array("H")
         entries.frombytes(bytes(table))
         self._tables[vip_id] = entries
+
+    def flow_keys(self, flows: Sequence[FlowT]) -> list[bytes]:
+        """Each flow's Redis key (`FiveTuple.key()`: KEY_PREFIX + its 16-byte digest)."""
+        out = []
+        for flow in flows:
+            proto, client_ip, client_port, vip_ip, vip_port = _check_flow(flow)
+            family = 4 if len(client_ip) == 4 else 6
+            out.append(
+                flow_key(_CANON.pack(family, proto, client_port, vip_port) + client_ip + vip_ip)
+            )
+        return out
 
     def maglev_pick(self, vip_id: int, hash64: int) -> int:
         """The backend a flow start with `hash64` would get on VIP `vip_id`, or -1."""

@@ -323,12 +323,14 @@ class Forwarder:
 
         async def pins() -> None:
             items = [(to_tuple(f), rec, ttl) for f, rec, ttl in work.pins]
+            # The engine hashes the flows into their keys (in C), not the store (in Python).
+            keys = self.engine.flow_keys([f for f, _, _ in work.pins])
             try:
                 if work.overwrites:  # records of dead backends: NX would keep them
                     await self._timed(
                         "delete", store.delete([to_tuple(f) for f in work.overwrites])
                     )
-                stored = await self._timed("pin", store.pin_many(items))
+                stored = await self._timed("pin", store.pin_many(items, keys=keys))
             except StoreUnavailable:
                 self.core.on_pins(work, None, monotonic_ms())
                 return

@@ -37,6 +37,12 @@ from flowstate.record import FlowRecord
 PinItem = tuple[FiveTuple, FlowRecord, int]
 
 
+def check_pin_keys(items: Sequence[PinItem], keys: Sequence[bytes] | None) -> None:
+    """`pin_many`'s `keys` must name every item, in order: raise UsageError otherwise."""
+    if keys is not None and len(keys) != len(items):
+        raise UsageError(f"pin_many: {len(keys)} keys for {len(items)} items")
+
+
 class LookupFailed(enum.Enum):
     """The type of `LOOKUP_FAILED` (an enum, so that `x is LOOKUP_FAILED` narrows types)."""
 
@@ -146,13 +152,20 @@ class FlowStore(abc.ABC):
 
     @abc.abstractmethod
     async def pin_many(
-        self, items: Sequence[PinItem], *, deadline_ms: float | None = None
+        self,
+        items: Sequence[PinItem],
+        *,
+        deadline_ms: float | None = None,
+        keys: Sequence[bytes] | None = None,
     ) -> list[FlowRecord]:
         """SET NX PX each record; return the record actually stored for each item.
 
         Where a valid record already exists it is returned and left alone (the caller adopts
         it: a SYN retransmit that reached another POP first). An existing value that is not a
         valid record is overwritten with the caller's record, which is then returned.
+
+        `keys`, if given, is each item's `FiveTuple.key()`, already computed (the forwarder's
+        engine computes them in C): the store uses them instead of hashing the tuples.
         """
 
     @overload

@@ -14,7 +14,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from flowstate.errors import RecordError, UsageError
 from flowstate.flow import KEY_PREFIX, FiveTuple
 from flowstate.record import FlowRecord, decode_record
-from flowstate.store.base import LOOKUP_FAILED, FlowStore, LookupResult, PinItem, ScanEntry
+from flowstate.store.base import (
+    LOOKUP_FAILED,
+    FlowStore,
+    LookupResult,
+    PinItem,
+    ScanEntry,
+    check_pin_keys,
+)
 
 
 def _monotonic_ms() -> int:
@@ -61,13 +68,18 @@ class MemoryStore(FlowStore):
         self._set(key, value, self._clock() + ttl_ms)
 
     async def pin_many(
-        self, items: Sequence[PinItem], *, deadline_ms: float | None = None
+        self,
+        items: Sequence[PinItem],
+        *,
+        deadline_ms: float | None = None,
+        keys: Sequence[bytes] | None = None,
     ) -> list[FlowRecord]:
         now = self._clock()
         out: list[FlowRecord] = []
-        for t, rec, ttl in items:
+        check_pin_keys(items, keys)
+        for i, (t, rec, ttl) in enumerate(items):
             _check_ttl(ttl)
-            key = t.key()
+            key = t.key() if keys is None else keys[i]
             existing = self._get(key, now)
             if existing is not None:
                 try:

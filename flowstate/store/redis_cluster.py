@@ -43,6 +43,7 @@ from flowstate.store.base import (
     ScanEntry,
     StoreConfig,
     TlsSettings,
+    check_pin_keys,
 )
 
 _KEY_LEN = len(KEY_PREFIX) + 16
@@ -147,10 +148,15 @@ class RedisClusterStore(ClusterClient, FlowStore):
     # -- FlowStore -------------------------------------------------------------------------
 
     async def pin_many(
-        self, items: Sequence[PinItem], *, deadline_ms: float | None = None
+        self,
+        items: Sequence[PinItem],
+        *,
+        deadline_ms: float | None = None,
+        keys: Sequence[bytes] | None = None,
     ) -> list[FlowRecord]:
         deadline_at = self._deadline(deadline_ms, self.config.write_deadline_ms)
-        keys = keys_of([t for t, _, _ in items])
+        check_pin_keys(items, keys)
+        keys = keys_of([t for t, _, _ in items]) if keys is None else list(keys)
         ttls = [ttl for _, _, ttl in items]
         if set(map(type, ttls)) - {int}:
             for ttl in ttls:

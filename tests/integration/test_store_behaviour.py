@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis.asyncio.cluster as rcluster
 
+from flowstate.errors import UsageError
 from flowstate.flow import FiveTuple, Proto
 from flowstate.record import FlowRecord
 from flowstate.store.base import FlowStore, StoreConfig
@@ -124,6 +125,20 @@ async def test_pin_then_lookup(store: FlowStore) -> None:
     ts, recs = tuples(20) + tuples(5, v6=True), records(25)
     assert await store.pin_many([(t, r, 60_000) for t, r in zip(ts, recs, strict=True)]) == recs
     assert await store.lookup_many(ts) == recs
+
+
+async def test_pin_with_keys_given_writes_under_those_keys(store: FlowStore) -> None:
+    """`keys=` (the engine's `flow_keys`) are used as given: pinning with the keys of other
+    tuples stores the records where lookups of those other tuples find them."""
+    ts, others, recs = tuples(8), tuples(8), records(8)
+    items = [(t, r, 60_000) for t, r in zip(ts, recs, strict=True)]
+    assert await store.pin_many(items, keys=[o.key() for o in others]) == recs
+    assert await store.lookup_many(others) == recs
+    assert await store.lookup_many(ts) == [None] * 8
+    assert await store.pin_many(items, keys=[t.key() for t in ts]) == recs
+    assert await store.lookup_many(ts) == recs
+    with pytest.raises(UsageError):
+        await store.pin_many(items, keys=[t.key() for t in ts[:-1]])
 
 
 async def test_conflicting_pin_returns_first_record(store: FlowStore) -> None:

@@ -325,7 +325,35 @@ BAD_CALLS: list[tuple[str, Callable[[Any], Any]]] = [
     ("init(source)", lambda e: make_engine(source_ipv6=bytes(4))),
     ("hash_bytes(seed)", lambda e: _fastpath.hash_bytes(b"", 2**32)),
     ("hash_bytes(str)", lambda e: _fastpath.hash_bytes(cast(Any, "abc"))),
+    ("flow_keys(int)", lambda e: e.flow_keys(5)),
+    ("flow_keys(bad flow)", lambda e: e.flow_keys([(6, VIP4, 1, VIP4, 80), (6, b"", 1, b"", 80)])),
 ]
+
+
+def test_flow_keys_keep_no_reference_and_free_what_they_built() -> None:
+    """Keys are new bytes (KEY_PREFIX + digest); a bad flow in the middle raises and leaks
+    none of the keys built before it; nothing of the input is kept."""
+    engine = configured(capacity=64)
+    flows = [(6, os.urandom(4), i, VIP4, 80) for i in range(64)]
+    refs = [sys.getrefcount(f) for f in flows]
+    assert engine.flow_keys(flows) == [FiveTuple(Proto.TCP, *f[1:]).key() for f in flows]
+    bad = [*flows[:10], (6, b"x", 1, VIP4, 80), *flows[10:]]
+    engine.flow_keys(flows)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        for _ in range(2000):
+            engine.flow_keys(flows)
+            with pytest.raises(ValueError):
+                engine.flow_keys(bad)
+        gc.collect()
+        grown, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert grown - base < 64 * 1024, f"{grown - base} bytes kept after 2000 calls"
+    del bad
+    assert [sys.getrefcount(f) for f in flows] == refs
 
 
 @pytest.mark.parametrize("call", [c for _, c in BAD_CALLS], ids=[n for n, _ in BAD_CALLS])

@@ -316,9 +316,36 @@ def test_event_flows_hash_to_the_maglev_slot_used(
     h = FiveTuple(Proto(flow[0]), *flow[1:]).hash64()
     assert TABLES[vip_id][h % len(TABLES[vip_id])] == backend_id
     assert engine.maglev_pick(vip_id, h) == backend_id
+    assert engine.flow_keys([flow]) == [FiveTuple(Proto(flow[0]), *flow[1:]).key()]
     ((dest, out),) = result.tx
     assert dest == backend_id
     assert struct.unpack_from("!I", out)[0] & 0xFFFFF == (h >> 32) & 0xFFFFF
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([IPPROTO_TCP, IPPROTO_UDP]),
+            st.sampled_from([4, 16]),
+            st.binary(min_size=32, max_size=32),
+            st.integers(0, 0xFFFF),
+            st.integers(0, 0xFFFF),
+        ),
+        max_size=20,
+    )
+)
+def test_flow_keys_are_the_store_keys(
+    engine_cls: Any, specs: list[tuple[int, int, bytes, int, int]]
+) -> None:
+    """`flow_keys` of both engines: `FiveTuple.key()` of each flow, in order (the store's keys)."""
+    flows = [(p, a[:n], cport, a[16 : 16 + n], vport) for p, n, a, cport, vport in specs]
+    engine = golden_engine(engine_cls)
+    want = [FiveTuple(Proto(f[0]), *f[1:]).key() for f in flows]
+    assert engine.flow_keys(flows) == want
+    assert engine.flow_keys(tuple(flows)) == want
 
 
 # --- API -----------------------------------------------------------------------------------------
@@ -403,6 +430,11 @@ FLOW = (IPPROTO_TCP, b"\x01\x02\x03\x04", 1000, VIP4, 80)
         ("set_maglev", (256, b"")),
         ("remove_vip", (-1,)),
         ("maglev_pick", (256, 0)),
+        ("flow_keys", ([FLOW, (1, b"\x01\x02\x03\x04", 1000, VIP4, 80)],)),  # not tcp/udp
+        ("flow_keys", ([(IPPROTO_UDP, b"\x01\x02\x03\x04", 1000, VIP6, 53)],)),  # families
+        ("flow_keys", ([(IPPROTO_TCP, b"\x01\x02\x03\x04", 65536, VIP4, 80)],)),  # port
+        ("flow_keys", ([(IPPROTO_TCP, b"\x01\x02\x03", 1000, b"\x01\x02\x03", 80)],)),
+        ("flow_keys", ([FLOW[:4]],)),
         ("install", (FLOW, 7, T0)),  # unknown backend
         ("install", ((IPPROTO_TCP, b"\x01\x02\x03\x04", 1000, VIP4, 81), 1, T0)),  # no VIP
         ("install", ((IPPROTO_UDP, b"\x01\x02\x03\x04", 1000, VIP6, 53), 1, T0)),  # mixed families
