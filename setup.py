@@ -8,8 +8,14 @@ import os
 
 from setuptools import Extension, setup
 
-SOURCES = ["forwarder/_fastpath.c", "forwarder/fp_engine.c", "forwarder/fp_ring.c"]
+SOURCES = [
+    "forwarder/_fastpath.c",
+    "forwarder/fp_codec.c",
+    "forwarder/fp_engine.c",
+    "forwarder/fp_ring.c",
+]
 HEADERS = [
+    "forwarder/fp_codec.h",
     "forwarder/fp_engine.h",
     "forwarder/fp_csum.h",
     "forwarder/fp_mmh3.h",

@@ -3,6 +3,7 @@
  * Module glue only: the Engine and Result types live in fp_engine.c, PacketRing in fp_ring.c.
  * Python code imports this through forwarder.fastpath, never directly.
  */
+#include "fp_codec.h"
 #include "fp_engine.h"
 #include "fp_mmh3.h"
 
@@ -34,6 +35,9 @@ static PyObject *fastpath_hash_bytes(PyObject *module FP_UNUSED, PyObject *args)
 static PyMethodDef fastpath_methods[] = {
     {"hash_bytes", fastpath_hash_bytes, METH_VARARGS,
      "hash_bytes(data, seed=0) -> bytes: MurmurHash3_x64_128 as mmh3.hash_bytes(data, seed)."},
+    {"group_by_node", fp_group_by_node, METH_VARARGS,
+     "group_by_node(keys, slot_node, n_nodes) -> n_nodes + 1 lists of key indices by owning node "
+     "(flowstate.store._codec.group_by_node_py, in C)."},
     {NULL, NULL, 0, NULL},
 };
 

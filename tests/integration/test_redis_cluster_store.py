@@ -24,7 +24,13 @@ from hypothesis import strategies as st
 from flowstate.errors import RecordError, StoreUnavailable
 from flowstate.flow import CLUSTER_SLOTS, FiveTuple, Proto, key_slot
 from flowstate.record import FlowRecord, decode_record
-from flowstate.store._codec import decode_fast, encode_record, group_by_node, keys_of
+from flowstate.store._codec import (
+    decode_fast,
+    encode_record,
+    group_by_node,
+    group_by_node_py,
+    keys_of,
+)
 from flowstate.store._resp import RespConnection, pack_command
 from flowstate.store.base import ReplicaReads, StoreConfig
 from flowstate.store.redis_cluster import RedisClusterStore
@@ -66,11 +72,12 @@ def test_keys_of_matches_fivetuple_key(ts: list[FiveTuple]) -> None:
     assert keys_of(ts) == [t.key() for t in ts]
 
 
-def test_group_by_node_honours_slots_and_hash_tags() -> None:
+@pytest.mark.parametrize("group", [group_by_node, group_by_node_py], ids=["used", "python"])
+def test_group_by_node_honours_slots_and_hash_tags(group: Any) -> None:
     keys = [*keys_of(tuples(5000)), b"a{x}b", b"{x}", b"{}x", b"x{", b"fs1:{{}}", b"q{y}z{w}"]
     assert any(b"{" in k for k in keys[:5000])
     slot_node = [s % 3 if s % 7 else -1 for s in range(CLUSTER_SLOTS)]
-    groups = group_by_node(keys, slot_node, 3)
+    groups = group(keys, slot_node, 3)
     assert len(groups) == 4
     assert sorted(i for g in groups for i in g) == list(range(len(keys)))
     for node, idxs in enumerate(groups):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from array import array
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -442,3 +442,41 @@ async def test_writes_linger_to_fill_a_batch_and_lookups_never_wait(impl: str) -
     feed(pop, [tcp_frame(43021, P.TCP_ACK)], NOW + 30)
     work = pop.take_store_work(NOW + 30, flush=True)
     assert not work.lookups and [f for f, _r, _t in work.pins] == [flow(43020)]
+
+
+def _new_events(flows: list[tuple[int, bytes, int, bytes, int]], bids: list[int]) -> Any:
+    """A processed batch holding only NEW events (what a burst of SYNs gives)."""
+
+    class Result:
+        misses: list[Any] = []
+        events = [(1, f, b) for f, b in zip(flows, bids, strict=True)]
+
+    return Result()
+
+
+def test_new_pins_are_taken_oldest_first_within_batch_and_tokens() -> None:
+    """Pins leave in event order, at most `max_batch` per round and one write token each; a pin
+    naming a backend no longer known is dropped without using either."""
+    core = ForwardingCore(cast(Any, None), CoreConfig(pop="p", max_batch=5, max_writes_per_s=7))
+    core.set_backend_ids(IDS)
+    flows = [flow(1000 + i) for i in range(12)]
+    bids = [0, 99, 1, 2, 99, 3, 0, 1, 2, 3, 0, 1]  # 99: unknown backend
+    core.on_result(_new_events(flows, bids), NOW)
+    work = core.take_store_work(NOW, NOW)
+    assert [f for f, _, _ in work.pins] == [flows[i] for i in (0, 2, 3, 5, 6)]
+    assert [r.backend_ip for _, r, _ in work.pins] == [BACKENDS[b] for b in (0, 1, 2, 3, 0)]
+    assert work.pins[0][1] is work.pins[4][1]  # one record per (backend, VIP) in a round
+    work = core.take_store_work(NOW, NOW)  # 2 tokens left of 7
+    assert [f for f, _, _ in work.pins] == [flows[7], flows[8]]
+    work = core.take_store_work(NOW + 1000, NOW)  # refilled
+    assert [f for f, _, _ in work.pins] == flows[9:]
+    assert core.counters["pins"] == 10
+
+
+def test_pins_past_the_cap_drop_the_oldest() -> None:
+    core = ForwardingCore(cast(Any, None), CoreConfig(pop="p", max_writes_per_s=2))
+    core.set_backend_ids(IDS)
+    flows = [flow(1000 + i) for i in range(11)]
+    core.on_result(_new_events(flows, [0] * 11), NOW)
+    assert core.counters["writes_rate_limited"] == 3  # the cap is 4 x 2 queued pins
+    assert [f for f, _, _ in core.take_store_work(NOW, NOW).pins] == flows[3:5]

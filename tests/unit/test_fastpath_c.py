@@ -32,7 +32,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flowstate.flow import HASH_SEED, FiveTuple, Proto
+from flowstate.flow import CLUSTER_SLOTS, HASH_SEED, FiveTuple, Proto, key_slot
+from flowstate.store._codec import group_by_node_py
 from forwarder.fastpath import c_engine_available, load_engine
 from forwarder.packet import (
     TCP_ACK,
@@ -328,6 +329,67 @@ BAD_CALLS: list[tuple[str, Callable[[Any], Any]]] = [
     ("flow_keys(int)", lambda e: e.flow_keys(5)),
     ("flow_keys(bad flow)", lambda e: e.flow_keys([(6, VIP4, 1, VIP4, 80), (6, b"", 1, b"", 80)])),
 ]
+
+
+_key_st = st.one_of(
+    st.binary(max_size=24),
+    st.lists(st.sampled_from([b"{", b"}", b"a", b"\x00", b"fs1:"]), max_size=8).map(b"".join),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_key_st, max_size=40), st.integers(0, 5), st.integers(0, 2**32))
+def test_group_by_node_matches_python(keys: list[bytes], n_nodes: int, seed: int) -> None:
+    """C `group_by_node` = the store's Python reference: slots (hash tags included) and groups."""
+    rnd = random.Random(seed)
+    slot_node = [rnd.randrange(-1, n_nodes) for _ in range(CLUSTER_SLOTS)]
+    got = _fastpath.group_by_node(keys, slot_node, n_nodes)
+    assert got == group_by_node_py(keys, slot_node, n_nodes)
+    for g, idxs in enumerate(got):
+        for i in idxs:
+            assert slot_node[key_slot(keys[i])] == (g if g < n_nodes else -1)
+
+
+@pytest.mark.parametrize(
+    ("keys", "slot_node", "n_nodes", "error"),
+    [
+        ([b"a", "b"], [0] * CLUSTER_SLOTS, 1, TypeError),  # a key that is not bytes
+        ([b"a"], [0] * 10, 1, IndexError),  # slot map too short
+        ([b"a"], [5] * CLUSTER_SLOTS, 1, IndexError),  # node index out of range
+        ([b"a"], ["0"] * CLUSTER_SLOTS, 1, TypeError),
+        ([b"a"], [0] * CLUSTER_SLOTS, -1, ValueError),
+        (5, [0] * CLUSTER_SLOTS, 1, TypeError),
+    ],
+)
+def test_group_by_node_bad_input_raises_like_python(
+    keys: Any, slot_node: Any, n_nodes: int, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        _fastpath.group_by_node(keys, slot_node, n_nodes)
+    if n_nodes >= 0:
+        with pytest.raises(error):
+            group_by_node_py(keys, slot_node, n_nodes)
+
+
+def test_group_by_node_frees_what_it_built() -> None:
+    keys = [os.urandom(20) for _ in range(256)]
+    good = [s % 3 for s in range(CLUSTER_SLOTS)]
+    refs = [sys.getrefcount(k) for k in keys]
+    _fastpath.group_by_node(keys, good, 3)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        for _ in range(500):
+            _fastpath.group_by_node(keys, good, 3)
+            with pytest.raises(TypeError):
+                _fastpath.group_by_node([*keys, "not bytes"], good, 3)
+        gc.collect()
+        grown, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert grown - base < 64 * 1024, f"{grown - base} bytes kept after 500 calls"
+    assert [sys.getrefcount(k) for k in keys] == refs
 
 
 def test_flow_keys_keep_no_reference_and_free_what_they_built() -> None:
