@@ -361,7 +361,10 @@ class Forwarder:
             jobs.append(touches())
         if work.releases:
             jobs.append(releases())
-        await asyncio.gather(*jobs)
+        if len(jobs) == 1:  # a round of pins alone (new flows): no gather Task per round
+            await jobs[0]
+        else:
+            await asyncio.gather(*jobs)
 
     async def _flush_writes(self, store: FlowStore) -> None:
         """At stop: write what still waits (pins above all: a flow pinned nowhere may move
