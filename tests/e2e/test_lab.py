@@ -143,6 +143,16 @@ def lab_workdir(pid: int) -> Path | None:
     return None
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """The lab started like from a terminal: SIGINT at its default action.
+
+    A command started with `&` by a non-interactive shell (CI in the background, nohup-like
+    launchers) runs with SIGINT ignored, and its children inherit that across exec; Python then
+    installs no KeyboardInterrupt handler, so the lab rightly ignores Ctrl-C, as a background
+    job should. The lab under test must not depend on how pytest itself was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_tears_everything_down() -> None:
     require_lab_tools()
     args = ["run", "--mode", "flowstate", "--connections", "20", "--quick"]
@@ -151,6 +161,7 @@ def test_ctrl_c_tears_everything_down() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,  # before exec, in the child only
     )
     footprint = Footprint()
     output: list[str] = []
