@@ -223,7 +223,9 @@ def format_backends(vips: Sequence[Any], state_file: str | None = None) -> str:
 async def run_backends_change(args: argparse.Namespace) -> int:
     if args.change == "weight" and (args.weight is None) != args.reset:
         raise UsageError("weight: give either WEIGHT or --reset")
-    async with await _client(args) as client:
+    # A change replans every worker, as a reload does (forwarder.control.PEER_CHANGE_TIMEOUT_S).
+    sock = control_socket(args)
+    async with await ControlClient.connect(sock, timeout=RELOAD_TIMEOUT_S) as client:
         try:
             target = {"backend": args.backend, "vip": args.vip and args.vip.to_params()}
             if args.change == "drain":
@@ -270,7 +272,8 @@ def format_change(change: str, backend: str, answer: ChangeAnswer) -> str:
 
 # --- reload --------------------------------------------------------------------------------------
 
-#: A reload rebuilds Maglev tables (tens of ms per VIP, more on a loaded host).
+#: A reload or a backend change rebuilds Maglev tables (tens of ms per VIP, more on a loaded
+#: host) on every worker; worker 0 waits for the others up to PEER_CHANGE_TIMEOUT_S (20 s).
 RELOAD_TIMEOUT_S = 30.0
 
 

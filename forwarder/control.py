@@ -51,8 +51,16 @@ log = logging.getLogger("flowstate.forwarder")
 IDLE_TIMEOUT_S = 300.0
 #: Control connections served at once; more are answered with an error and closed.
 MAX_CONNECTIONS = 32
-#: How long worker 0 waits for another worker's answer.
+#: How long worker 0 waits for another worker's answer to a read (`stats`, `flow`).
 PEER_TIMEOUT_S = 2.0
+#: ... and to a change (`drain`, `undrain`, `weight`, `reset`, `reload`): the worker first waits
+#: for its change lock (a health-check replan or a reload may hold it), then replans: every VIP's
+#: Maglev table rebuilt in Python off its event loop (about 35 ms of CPU per 65,537-entry table,
+#: so 150 ms for four VIPs, and seconds of wall time on a loaded host). Below the CLI's wait for
+#: a change (`flowstate.cli_ops.RELOAD_TIMEOUT_S`), so that the CLI still hears which worker did
+#: not answer.
+PEER_CHANGE_TIMEOUT_S = 20.0
+_CHANGES = frozenset({"drain", "undrain", "weight", "reset", "reload"})
 #: Deadline of the store lookup a `flow` request makes.
 FLOW_STORE_DEADLINE_MS = 500.0
 _STATE_NAMES = {1: "established", 2: "closing"}
@@ -328,10 +336,11 @@ class Operations:
     ) -> tuple[list[Any], list[dict[str, Any]]]:
         """Ask every other worker (`local`: no further fan-out); (answers, errors)."""
         peers = self._peers(params)
+        timeout = PEER_CHANGE_TIMEOUT_S if method in _CHANGES else PEER_TIMEOUT_S
 
         async def ask(worker: int) -> Any:
             path = worker_socket(self.configured.control.socket, worker)
-            async with await ControlClient.connect(path, timeout=PEER_TIMEOUT_S) as client:
+            async with await ControlClient.connect(path, timeout=timeout) as client:
                 return await client.call(method, {**params, "local": True})
 
         results = await asyncio.gather(*(ask(w) for w in peers), return_exceptions=True)
