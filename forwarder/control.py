@@ -657,7 +657,8 @@ class Operations:
                     )
             if self.fwd.worker == 0 and not params.get("local"):
                 # One writer: worker 0, for the whole forwarder (the others apply in memory).
-                save_error = self._save_overrides()
+                # In a thread, still under the change lock: the fsyncs must not stall the loop.
+                save_error = await asyncio.to_thread(self._save_overrides)
         answers, errors = await self._ask_peers(method, params)
         workers = [self.fwd.worker]
         for answer in answers:
