@@ -36,6 +36,12 @@ RX_ROUNDS = 8
 EXPIRE_EVERY_S, EXPIRE_BUDGET = 0.1, 4096
 #: Store rounds (each: one lookup batch and write batches) in flight at once.
 MAX_ROUNDS = 4
+#: With MAX_ROUNDS in flight, the latest started this long ago, and flows waiting to be looked
+#: up: one more round of lookups alone starts (at most one per LOOKUP_OVERFLOW_S). Without it
+#: a store that stopped answering held the flows that arrived after the first few for a whole
+#: lookup deadline before their own lookup was even sent, then for another one (in the lab's
+#: redis-down fault: 1.1 s of 500 ms deadlines, past 2 s on a loaded machine).
+LOOKUP_OVERFLOW_S = 0.05
 #: Delay between reconnect attempts while the store is unreachable.
 STORE_RETRY_S = 1.0
 #: How long pins, touches and releases wait to fill a batch (`CoreConfig.write_linger_ms`):
@@ -248,6 +254,9 @@ class Forwarder:
         self.health = HealthMonitor(config)
         self._wake = asyncio.Event()
         self._rounds = asyncio.Semaphore(MAX_ROUNDS)
+        self._round_started = 0.0  # loop time of the latest round's start
+        #: Lookup rounds started past MAX_ROUNDS (see LOOKUP_OVERFLOW_S).
+        self.overflow_rounds = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         #: Started once the rings are read (the BGP heartbeat: it must not report before).
@@ -290,7 +299,24 @@ class Forwarder:
                         await self._wake.wait()
                 continue
             if store is not None and self._rounds.locked():
-                await self._rounds.acquire()  # wait for a round in flight to finish
+                # MAX_ROUNDS in flight: wait for one to finish, but flows waiting for a lookup
+                # wait no longer than LOOKUP_OVERFLOW_S after the latest round started.
+                since = asyncio.get_running_loop().time() - self._round_started
+                waiting = self.core.has_work(now, writes=False)
+                if waiting and since >= LOOKUP_OVERFLOW_S:
+                    lookups = self.core.take_store_work(monotonic_ms(), writes=False)
+                    self._round_started = asyncio.get_running_loop().time()
+                    self.overflow_rounds += 1
+                    self._spawn(self._run_work(store, lookups))
+                    await asyncio.sleep(0)
+                    continue
+                try:
+                    # (no lookup waits: look again every LOOKUP_OVERFLOW_S for new ones)
+                    left = LOOKUP_OVERFLOW_S - since if waiting else LOOKUP_OVERFLOW_S
+                    async with asyncio.timeout(max(left, 0.001)):
+                        await self._rounds.acquire()  # wait for a round in flight to finish
+                except TimeoutError:
+                    continue
                 self._rounds.release()
                 continue
             work = self.core.take_store_work(monotonic_ms(), writes=store is not None)
@@ -302,6 +328,7 @@ class Forwarder:
             # Rounds overlap (a slow write batch never holds up the next tick's lookups),
             # up to MAX_ROUNDS in flight.
             await self._rounds.acquire()
+            self._round_started = asyncio.get_running_loop().time()
             self._spawn(self._round(store, work))
             await asyncio.sleep(0)
 
