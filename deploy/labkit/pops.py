@@ -7,6 +7,7 @@ routes as soon as its forwarder (or local server) process is gone.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import subprocess
 import sys
 import threading
@@ -44,6 +45,9 @@ def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return {"PYTHONPATH": str(REPO), **(extra or {})}
 
 
+_SETTINGS_RUNS = itertools.count(1)
+
+
 @dataclass(frozen=True)
 class ForwarderSettings:
     """What differs between the lab's modes for a forwarder."""
@@ -62,6 +66,10 @@ class ForwarderSettings:
     few hundred ms; a lookup past its deadline falls back to Maglev, which is wrong exactly for
     the flows whose backend set changed. No Redis node fails in the lab, so a long deadline
     costs nothing here."""
+    run: int = field(default_factory=lambda: next(_SETTINGS_RUNS))
+    """Which scenario (mode or fault) these settings belong to: each keeps its runtime overrides
+    (drains) in its own state file, so a drain does not leak into the next fault or mode, while
+    a forwarder restarted within one scenario still finds them."""
 
 
 def forwarder_config(pop: PopSite, settings: ForwarderSettings, backends: BackendStates) -> str:
@@ -83,8 +91,9 @@ def forwarder_config(pop: PopSite, settings: ForwarderSettings, backends: Backen
             text += f'tls = true\ntls_ca_file = "{ca}"\ntls_cert_file = "{cert}"\n'
             text += f'tls_key_file = "{key}"\n'
     text += f'\n[control]\nsocket = "{pop.control_socket}"\nmetrics = ""\n'
-    # Runtime overrides (the scenario's drains) per POP and per run, not in /var/lib.
-    text += f'state_file = "{pop.workdir}/{pop.name}-state/backends.json"\n'
+    # Runtime overrides (the scenario's drains) per POP and per scenario, not in /var/lib.
+    state_dir = f"{pop.workdir}/{pop.name}-state-{settings.run}"
+    text += f'state_file = "{state_dir}/backends.json"\n'
     for address, port, proto in (
         (VIP4, HTTP_PORT, "tcp"),
         (VIP6, HTTP_PORT, "tcp"),
