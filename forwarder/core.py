@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from flowstate.flow import FiveTuple, Proto
 from flowstate.record import FlowRecord
 from flowstate.store.base import LOOKUP_FAILED, LookupResult
-from forwarder.packet import IPPROTO_UDP, MISS_ICMP
+from forwarder.packet import IPPROTO_TCP, IPPROTO_UDP, MISS_ICMP
 
 #: A flow as the engine reports it: (proto, client_ip, client_port, vip_ip, vip_port).
 FlowT = tuple[int, bytes, int, bytes, int]
@@ -162,6 +162,7 @@ class _Vip:
     vip_id: int
     backends: frozenset[int]  # backend_ids a stored record may name (active and draining)
     usable: frozenset[int]  # those of `backends` not out of service (health checks)
+    selectable: frozenset[int]  # those in the VIP's Maglev table (they get new flows)
 
 
 class ForwardingCore:
@@ -234,16 +235,23 @@ class ForwardingCore:
         proto: int,
         backends: Sequence[int],
         usable: Collection[int] | None = None,
+        selectable: Collection[int] | None = None,
     ) -> None:
         """Declare a VIP and the backend_ids its stored records may name.
 
         `usable` (default: all of `backends`) leaves out backends that health checks found down
         for longer than the re-pin grace: a record naming one of them is not followed; the flow
         gets Maglev's choice, written over the dead record.
+
+        `selectable` (default: `usable`): the backends in the VIP's Maglev table. A TCP flow
+        started here (a SYN, `Event.NEW`) whose NX pin meets a record naming a backend outside
+        it (down, drained) is a new connection reusing an old one's ports: our pick is written
+        over that record instead of adopting it.
         """
         allowed = frozenset(backends)
         ok = allowed if usable is None else allowed & frozenset(usable)
-        self._vips[(ip, port, proto)] = _Vip(vip_id, allowed, ok)
+        picks = ok if selectable is None else frozenset(selectable)
+        self._vips[(ip, port, proto)] = _Vip(vip_id, allowed, ok, picks)
 
     def remove_vip(self, ip: bytes, port: int, proto: int) -> None:
         self._vips.pop((ip, port, proto), None)
@@ -637,9 +645,21 @@ class ForwardingCore:
             bid = self._valid_backend(flow, theirs)
             if bid is None:
                 if self._names_dead_backend(flow, theirs):
-                    # A UDP flow's first datagram after its backend died: ours replaces it.
+                    # The flow's first packet here after its backend died (a UDP datagram, or
+                    # a SYN reusing the ports of a dead connection): ours replaces it.
                     self._remember_writeback(flow, entry[0])
                     self._overwrite.add(flow)
+                continue
+            if (
+                flow[0] == IPPROTO_TCP
+                and bid not in self._vips[flow[3], flow[4], flow[0]].selectable
+            ):
+                # Only a SYN starts a TCP flow, and no POP picks this backend for one now (down
+                # within the re-pin grace, drained): the record is an old connection's on the
+                # same ports (the engine re-picked it, DATAPATH.md clarification 6). Ours wins.
+                _log_flow("pin_overwrites", flow, backend=theirs.backend, pinned_by=theirs.pop)
+                self._remember_writeback(flow, entry[0])
+                self._overwrite.add(flow)
                 continue
             self.counters["pins_adopted"] += 1
             _log_flow("pin_adopted", flow, backend=theirs.backend, pinned_by=theirs.pop)

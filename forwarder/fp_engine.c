@@ -256,6 +256,12 @@ static int maglev_backend(const fp_engine *E, uint8_t vip_id, uint64_t hash) {
     return bid;
 }
 
+/* Whether backend `bid` is in VIP `vip_id`'s Maglev table (gets new flows). */
+static int maglev_member(const fp_engine *E, uint8_t vip_id, uint16_t bid) {
+    const uint64_t *m = E->maglev[vip_id].members;
+    return m != NULL && (m[bid >> 6] >> (bid & 63)) & 1;
+}
+
 /* Table stage for a parsed packet of a configured service. Returns the verdict; FORWARD/NEW
  * also set *backend. */
 static int table_stage(fp_engine *E, fp_pkt *p, uint64_t now, PyObject *events, int *backend) {
@@ -272,7 +278,10 @@ static int table_stage(fp_engine *E, fp_pkt *p, uint64_t now, PyObject *events, 
     int flow_start = is_tcp ? (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN
                             : !E->vips[p->vip_id].udp_lookup_first;
     uint32_t idle = is_tcp ? E->tcp_idle_ms : E->udp_idle_ms;
-    if (s != NULL && !(flow_start && s->state == ST_CLOSING)) {
+    /* Port reuse: a TCP SYN on a closing flow, or on one whose backend no longer takes new
+     * flows of the VIP (down, drained, removed), re-creates the flow as a flow start. */
+    if (s != NULL && !(flow_start && is_tcp &&
+                       (s->state == ST_CLOSING || !maglev_member(E, p->vip_id, s->backend_id)))) {
         fp_slot_seen(s, now);
         if (s->state == ST_ESTABLISHED) {
             if (is_tcp && (p->tcp_flags & (TCP_FIN | TCP_RST))) {
@@ -548,7 +557,9 @@ static void engine_free_state(fp_engine *E) {
     }
     for (int i = 0; i < FP_MAX_VIPS; i++) {
         PyMem_RawFree(E->maglev[i].table);
+        PyMem_RawFree(E->maglev[i].members);
         E->maglev[i].table = NULL;
+        E->maglev[i].members = NULL;
         E->maglev[i].size = 0;
     }
     if (E->backends != NULL) {
@@ -740,7 +751,9 @@ static PyObject *engine_remove_vip(FpEngineObject *self, PyObject *arg) {
         rebuild_lookup(E);
     }
     PyMem_RawFree(E->maglev[id].table);
+    PyMem_RawFree(E->maglev[id].members);
     E->maglev[id].table = NULL;
+    E->maglev[id].members = NULL;
     E->maglev[id].size = 0;
     return PyLong_FromLongLong(dropped);
 }
@@ -846,17 +859,28 @@ static PyObject *engine_set_maglev(FpEngineObject *self, PyObject *args) {
         return NULL;
     }
     uint16_t *table = NULL;
+    uint64_t *members = NULL;
     if (view.len > 0) {
         table = PyMem_RawMalloc((size_t)view.len);
-        if (table == NULL) {
+        members = PyMem_RawCalloc(FP_MEMBER_WORDS, sizeof(uint64_t));
+        if (table == NULL || members == NULL) {
+            PyMem_RawFree(table);
+            PyMem_RawFree(members);
             PyBuffer_Release(&view);
             return PyErr_NoMemory();
         }
         memcpy(table, view.buf, (size_t)view.len);
+        for (size_t i = 0; i < (size_t)view.len / 2; i++) {
+            uint16_t bid = table[i];
+            if (bid != FP_NO_BACKEND)
+                members[bid >> 6] |= (uint64_t)1 << (bid & 63);
+        }
     }
     fp_maglev *m = &self->e.maglev[id];
     PyMem_RawFree(m->table);
+    PyMem_RawFree(m->members);
     m->table = table;
+    m->members = members;
     m->size = (uint32_t)(view.len / 2);
     PyBuffer_Release(&view);
     Py_RETURN_NONE;

@@ -129,8 +129,11 @@ typedef struct fp_vip {
     uint8_t ip[16];
 } fp_vip;
 
+#define FP_MEMBER_WORDS (65536 / 64)
+
 typedef struct fp_maglev {
-    uint16_t *table; /* backend ids */
+    uint16_t *table;   /* backend ids */
+    uint64_t *members; /* FP_MEMBER_WORDS: bit b set iff backend b is in `table` (not 0xFFFF) */
     uint32_t size;
 } fp_maglev;
 

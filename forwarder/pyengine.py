@@ -207,6 +207,8 @@ class Engine:
         self._vip_addresses: dict[bytes, int] = {}  # ip -> number of VIPs on it
         self._lookup_first: set[int] = set()  # vip_ids whose unknown UDP flows are misses
         self._tables: dict[int, array[int]] = {}
+        # Per VIP, the backend_ids present in its Maglev table (usable for new flows).
+        self._members: dict[int, frozenset[int]] = {}
         self._backends: dict[int, bytes] = {}
         self._links: dict[int, tuple[bytes, bytes, int, int]] = {}
 
@@ -269,6 +271,7 @@ class Engine:
         """Forget VIP `vip_id` and its Maglev table; drop its flows and return how many."""
         _check_range("vip_id", vip_id, 0, _MAX_VIP_ID)
         self._tables.pop(vip_id, None)
+        self._members.pop(vip_id, None)
         self._lookup_first.discard(vip_id)
         triple = self._vips.pop(vip_id, None)
         return 0 if triple is None else self._forget_vip(triple)
@@ -334,10 +337,12 @@ class Engine:
             raise UsageError("Maglev table must be array('H') bytes of at most 2**24 entries")
         if not table:
             self._tables.pop(vip_id, None)
+            self._members.pop(vip_id, None)
             return
         entries = array("H")
         entries.frombytes(bytes(table))
         self._tables[vip_id] = entries
+        self._members[vip_id] = frozenset(entries) - {_NO_BACKEND_ENTRY}
 
     def flow_keys(self, flows: Sequence[FlowT]) -> list[bytes]:
         """Each flow's Redis key (`FiveTuple.key()`: KEY_PREFIX + its 16-byte digest)."""
@@ -655,7 +660,16 @@ class Engine:
         slot = self._index.get(flow)
         if slot is not None and self._expires[slot] > now:
             state = self._state[slot]
-            if state == STATE_CLOSING and flow_start:
+            if (
+                flow_start
+                and proto == IPPROTO_TCP
+                and (
+                    state == STATE_CLOSING
+                    or self._backend[slot] not in self._members.get(vip_id, frozenset())
+                )
+            ):
+                # Port reuse: a SYN on a closing flow, or on one whose backend no longer
+                # takes new flows (down, drained, removed from the VIP): a new connection.
                 return self._flow_start(
                     f, off, end, v4, tclass, flow, hash64, vip_id, now, tx, events
                 )

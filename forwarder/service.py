@@ -168,7 +168,8 @@ def apply_plan(engine: Any, core: ForwardingCore, plan: Plan, config: ForwarderC
         engine.set_vip(vip_id, ip, port, proto, udp_lookup_first=first)
         engine.set_maglev(vip_id, plan.tables[vip_id])
         usable = plan.vip_usable.get(vip_id)
-        core.set_vip(vip_id, ip, port, proto, plan.vip_backends[vip_id], usable)
+        picks = set(array("H", plan.tables[vip_id])) - {0xFFFF}  # as the engine's membership
+        core.set_vip(vip_id, ip, port, proto, plan.vip_backends[vip_id], usable, picks)
 
 
 async def open_store(config: ForwarderConfig) -> FlowStore:

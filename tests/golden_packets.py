@@ -563,6 +563,16 @@ def _lifecycle() -> list[GoldenCase]:
     b4 = pick(f4)
     syn4, syn6 = syn_step(tcp4(flags=S), f4), syn_step(tcp6(flags=S), f6)
     other_backend = next(b for b in BACKENDS if b != b4)
+    # A table holding b4 in which f4's new pick is `other_backend`.
+    keeps_b4 = [other_backend, b4] if hash64(f4) % 2 == 0 else [b4, other_backend]
+    new_pick4 = Process(
+        (frame(tcp4(flags=S)),),
+        (Verdict.NEW,),
+        T0 + 500,
+        tx=(encap(other_backend, tcp4(flags=S), f4),),
+        events=((Event.NEW, f4, other_backend),),
+    )
+    u4 = flow4(50000, 53, IPPROTO_UDP)
     return [
         case(
             "established hit v4: FORWARD, expiry pushed, no event before touch is due",
@@ -571,10 +581,64 @@ def _lifecycle() -> list[GoldenCase]:
             after=[lookup(f4, (b4, 1, T0 + 1_000 + TCP_IDLE))],
         ),
         case(
-            "SYN retransmit on an established entry: plain FORWARD to the pinned backend",
+            "SYN retransmit on an established entry whose backend is still in the VIP's table:"
+            " plain FORWARD to the pinned backend, not the new pick",
             fwd_step(tcp4(flags=S), f4, T0 + 300),
             syn4,
+            Call("set_maglev", (0, table_bytes(keeps_b4))),
+            Call("maglev_pick", (0, hash64(f4)), other_backend),
+            after=[lookup(f4, (b4, 1, T0 + 300 + TCP_IDLE))],
+        ),
+        case(
+            "SYN on an established entry whose backend left the VIP's table (down, drained;"
+            " port reuse): re-created by a new Maglev pick",
+            new_pick4,
+            syn4,
+            fwd_step(tcp4(flags=A | P, payload=b"x"), f4, T0 + 100),
             Call("set_maglev", (0, table_bytes([other_backend]))),
+            after=[
+                lookup(f4, (other_backend, 1, T0 + 500 + TCP_IDLE)),
+                fwd_step(tcp4(flags=S), f4, T0 + 600, backend=other_backend),
+            ],
+            flows=1,
+        ),
+        case(
+            "SYN on an established entry whose backend is only in another VIP's table: re-created",
+            new_pick4,
+            syn4,
+            Call("set_maglev", (2, table_bytes([b4]))),
+            Call("set_maglev", (0, table_bytes([other_backend]))),
+            after=[lookup(f4, (other_backend, 1, T0 + 500 + TCP_IDLE))],
+            flows=1,
+        ),
+        case(
+            "SYN+ACK on an established entry whose backend left the VIP's table: FORWARD to it",
+            fwd_step(tcp4(flags=S | A), f4, T0 + 300),
+            syn4,
+            Call("set_maglev", (0, table_bytes([other_backend]))),
+            after=[lookup(f4, (b4, 1, T0 + 300 + TCP_IDLE))],
+        ),
+        case(
+            "ACK on an established entry whose backend left the VIP's table: FORWARD to it",
+            fwd_step(tcp4(flags=A), f4, T0 + 300),
+            syn4,
+            Call("set_maglev", (0, table_bytes([other_backend]))),
+            after=[lookup(f4, (b4, 1, T0 + 300 + TCP_IDLE))],
+        ),
+        case(
+            "SYN on an established entry, the VIP with no backend left: DROP_NO_BACKEND,"
+            " entry untouched",
+            verdict_step(frame(tcp4(flags=S)), Verdict.DROP_NO_BACKEND, T0 + 500),
+            syn4,
+            Call("set_maglev", (0, b"")),
+            after=[lookup(f4, (b4, 1, T0 + TCP_IDLE))],
+        ),
+        case(
+            "UDP datagram of a flow whose backend left the VIP's table: FORWARD to it",
+            fwd_step(udp4(), u4, T0 + 300),
+            syn_step(udp4(), u4),
+            Call("set_maglev", (1, table_bytes([next(b for b in BACKENDS if b != pick(u4))]))),
+            after=[lookup(u4, (pick(u4), 1, T0 + 300 + UDP_IDLE))],
         ),
         case("non-SYN packet of an unknown flow v4: MISS", miss_step(tcp4(), f4)),
         case(

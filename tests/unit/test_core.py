@@ -278,6 +278,40 @@ async def test_pin_conflict_with_a_dead_backend_overwrites(impl: str) -> None:
     assert rec is not None and rec.backend_ip == BACKENDS[ours]
 
 
+@pytest.mark.parametrize("dead", [False, True])
+async def test_syn_reusing_ports_of_a_connection_on_a_backend_out_of_maglev_overwrites(
+    impl: str, dead: bool
+) -> None:
+    """Port reuse (issue 7): a connection pinned to b2 died (b2 killed, or drained) and left
+    its entry and record behind; the client's next SYN on the same ports goes to Maglev's
+    pick (the engine re-creates the flow), and the NX pin meeting b2's record keeps ours and
+    writes it over the record, whether b2 is down within the re-pin grace (still `usable`),
+    drained (likewise) or dead (not `usable`)."""
+    store = MemoryStore()
+    port = 47100
+    await store.pin_many([(to_tuple(flow(port)), FlowRecord(BACKENDS[2], VIP, 1, "x"), 60_000)])
+    pop = make_pop(impl, "pop1", BACKENDS[:2], allowed=BACKENDS[:3])
+    pop.set_vip(0, VIP, 80, 6, [0, 1, 2], usable=[0, 1] if dead else [0, 1, 2], selectable=[0, 1])
+    pop.engine.install(flow(port), 2, NOW - 1000)  # the old connection, ESTABLISHED
+    r = feed(pop, [tcp_frame(port, P.TCP_SYN)])
+    assert r.verdicts == bytes([P.Verdict.NEW])
+    ours = r.tx[0][0]
+    assert ours in (0, 1)
+    await run_store(pop, store, NOW)  # NX finds b2's record
+    assert pop.counters["pins_adopted"] == 0
+    entry = pop.engine.lookup(flow(port))
+    assert entry is not None and entry[0] == ours
+    work = pop.take_store_work(NOW + 1000)
+    assert work.overwrites == {flow(port)}
+    await store.delete([to_tuple(f) for f in work.overwrites])
+    pop.on_pins(work, await store.pin_many([(to_tuple(f), r, t) for f, r, t in work.pins]), NOW)
+    (rec,) = await store.lookup_many([to_tuple(flow(port))])
+    assert rec is not None and rec.backend_ip == BACKENDS[ours]
+    # The handshake's ACK and a retransmitted SYN stay with ours.
+    r2 = feed(pop, [tcp_frame(port, P.TCP_ACK), tcp_frame(port, P.TCP_SYN)], NOW + 1001)
+    assert [b for b, _ in r2.tx] == [ours, ours]
+
+
 async def test_failed_pin_batch_is_retried_with_backoff_while_new_pins_go_on(impl: str) -> None:
     """A failed write batch holds back only its own pins (written back after a wait that
     doubles with each failure in a row); pins of new flows are written meanwhile (until the
