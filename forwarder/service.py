@@ -254,7 +254,9 @@ class Forwarder:
         apply_plan(engine, self.core, self.plan, config)
         self.health = HealthMonitor(config)
         self._wake = asyncio.Event()
-        self._rounds = asyncio.Semaphore(MAX_ROUNDS)
+        #: Round slots free (of MAX_ROUNDS), and set whenever a round ends (one frees).
+        self._free_rounds = MAX_ROUNDS
+        self._round_done = asyncio.Event()
         self._round_started = 0.0  # loop time of the latest round's start
         #: Lookup rounds started past MAX_ROUNDS (see LOOKUP_OVERFLOW_S).
         self.overflow_rounds = 0
@@ -275,9 +277,27 @@ class Forwarder:
             self.counters["rx_batches"] += 1
             if result.misses or result.events:
                 self.core.on_result(result, now)
-                self._wake.set()
+                # Lookups start here, not in the store loop: waking it cost one more pass of
+                # the event loop (and its own step) before the round's Task even started.
+                # The store loop still takes what no free slot could (and the writes).
+                if not (result.misses and self._start_lookups()) or result.events:
+                    self._wake.set()
             if len(result.verdicts) < RX_BATCH:
                 break
+
+    def _start_lookups(self) -> bool:
+        """Start a round of the flows waiting for a lookup at once, if the store is connected
+        and a round slot is free (writes wait for the store loop: their linger and cap).
+        Whether nothing is left for the store loop to look up."""
+        store = self.store
+        if store is None or not self._free_rounds or self._stopping.is_set():
+            return False
+        work = self.core.take_store_work(monotonic_ms(), writes=False)
+        if work.lookups:
+            self._free_rounds -= 1
+            self._round_started = asyncio.get_running_loop().time()
+            self._spawn(self._round(store, work))
+        return not self.core.has_work(monotonic_ms(), writes=False)
 
     def _send(self, result: Any) -> None:
         if result is not None and result.tx and self.rings:
@@ -299,7 +319,7 @@ class Forwarder:
                     async with asyncio.timeout(wait):
                         await self._wake.wait()
                 continue
-            if store is not None and self._rounds.locked():
+            if store is not None and not self._free_rounds:
                 # MAX_ROUNDS in flight: wait for one to finish, but flows waiting for a lookup
                 # wait no longer than LOOKUP_OVERFLOW_S after the latest round started.
                 since = asyncio.get_running_loop().time() - self._round_started
@@ -311,14 +331,12 @@ class Forwarder:
                     self._spawn(self._run_work(store, lookups))
                     await asyncio.sleep(0)
                     continue
-                try:
-                    # (no lookup waits: look again every LOOKUP_OVERFLOW_S for new ones)
-                    left = LOOKUP_OVERFLOW_S - since if waiting else LOOKUP_OVERFLOW_S
+                # (no lookup waits: look again every LOOKUP_OVERFLOW_S for new ones)
+                left = LOOKUP_OVERFLOW_S - since if waiting else LOOKUP_OVERFLOW_S
+                self._round_done.clear()
+                with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(left, 0.001)):
-                        await self._rounds.acquire()  # wait for a round in flight to finish
-                except TimeoutError:
-                    continue
-                self._rounds.release()
+                        await self._round_done.wait()  # a round in flight finished
                 continue
             work = self.core.take_store_work(monotonic_ms(), writes=store is not None)
             if store is None:
@@ -328,7 +346,7 @@ class Forwarder:
                 continue
             # Rounds overlap (a slow write batch never holds up the next tick's lookups),
             # up to MAX_ROUNDS in flight.
-            await self._rounds.acquire()
+            self._free_rounds -= 1  # one is free: checked above, no await since
             self._round_started = asyncio.get_running_loop().time()
             self._spawn(self._round(store, work))
             await asyncio.sleep(0)
@@ -337,7 +355,8 @@ class Forwarder:
         try:
             await self._run_work(store, work)
         finally:
-            self._rounds.release()
+            self._free_rounds += 1
+            self._round_done.set()
 
     async def _run_work(self, store: FlowStore, work: StoreWork) -> None:
         async def lookups() -> None:
