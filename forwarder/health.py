@@ -363,6 +363,13 @@ async def apply_health(fwd: Forwarder) -> None:
             return
         await replan(fwd, fwd.config, down=down, dead=dead)
         _warn_fail_open(fwd, down - previous.down)
+        # The DOWN line is logged when the checks decide; new flows avoid the backend only
+        # from here, once the Maglev tables without it are live.
+        for ip in sorted({ip for _vip, ip in (down | dead) - (previous.down | previous.dead)}):
+            log.info(
+                "health: backend %s out of new-flow selection (Maglev tables rebuilt)",
+                ipaddress.IPv6Address(ip),
+            )
         for ip in sorted({ip for _vip, ip in dead - previous.dead}):
             bid = fwd.plan.backend_ids.get(ip)
             if bid is not None:

@@ -597,7 +597,8 @@ def _backend_kill(d: _FaultDriver) -> None:
     d.note("fault", f"{site.name}: server SIGKILLed")
 
     def taken_out() -> bool:
-        said = f"backend {site.decap} DOWN"
+        # Not the DOWN line: new flows avoid it only once the Maglev tables are rebuilt.
+        said = f"backend {site.decap} out of new-flow selection"
         return all(said in p.log() for p in d.lab.pops)
 
     if not wait_until(taken_out, 20, 0.1):
