@@ -24,18 +24,16 @@ supervisor gives to the user at start (`give_directory`), as it does the control
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import json
 import logging
 import os
-import stat
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from forwarder import maglev
+from forwarder import maglev, privileges
 from forwarder.config import BackendState, ForwarderConfig, VipConfig
 
 if TYPE_CHECKING:
@@ -334,28 +332,6 @@ def reapply(
 
 def give_directory(path: Path, identity: Identity) -> None:
     """Make the state file's directory `identity`'s (0700) so that a worker running as the
-    configured user can replace the file: created if missing; taken over if root owns it and
-    it holds only this file's (``<file>``, ``.tmp.*``, ``.bad``). Any other directory is
-    refused (OSError): it is not the forwarder's to give away."""
-    directory = path.parent
-    with contextlib.suppress(FileExistsError):
-        directory.mkdir(mode=0o700, parents=True)
-    st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode):
-        raise OSError(errno.ENOTDIR, f"state file directory {directory} is not a directory")
-    if st.st_uid == identity.uid and st.st_mode & 0o7777 == 0o700:
-        entries: list[str] = []
-    else:
-        entries = os.listdir(directory)
-        others = [e for e in entries if e != path.name and not e.startswith(path.name + ".")]
-        if st.st_uid not in (0, identity.uid) or others:
-            raise OSError(
-                errno.EPERM,
-                f"state file directory {directory} holds other files "
-                f"({', '.join(sorted(others)[:3]) or 'owner uid ' + str(st.st_uid)}); "
-                f"give control.state_file a directory of its own for user {identity.user}",
-            )
-        os.chown(directory, identity.uid, identity.gid, follow_symlinks=False)
-        os.chmod(directory, 0o700)
-    for name in entries:
-        os.chown(directory / name, identity.uid, identity.gid, follow_symlinks=False)
+    configured user can replace the file (``<file>``, ``.tmp.*``, ``.bad``): see
+    `forwarder.privileges.give_directory`."""
+    privileges.give_directory(path, identity, "state file", "control.state_file")

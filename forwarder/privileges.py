@@ -212,41 +212,42 @@ def switch_user(identity: Identity, keep: Sequence[int] = WORKER_CAPABILITIES) -
     return kept
 
 
-def _ours(name: str, socket_name: str) -> bool:
-    """Files of the control socket's directory that a forwarder made: the sockets of its
-    workers (``<socket>[.n]``), their locks, the announcer's (``<socket>.bgp``)."""
-    return name == socket_name or name.startswith(socket_name + ".")
-
-
-def give_socket_directory(socket: Path, identity: Identity) -> None:
-    """Make the control socket's directory `identity`'s (0700), so that its workers can
-    create, lock and remove their sockets: created if missing; taken over if root owns it and
-    it holds nothing but a forwarder's files (a previous run's locks, say). Any other
-    directory is refused (OSError): it is not the forwarder's to give away."""
-    directory = socket.parent
+def give_directory(path: Path, identity: Identity, what: str, field: str) -> None:
+    """Make the directory of `path` (a forwarder file: the control socket, the state file)
+    `identity`'s (0700), so that workers running as the user can create, lock, replace and
+    remove it there: created if missing; taken over if root owns it and it holds nothing but
+    this forwarder's files (``<name>`` and ``<name>.*``: a previous run's sockets, locks,
+    temporary or set-aside files). Any other directory is refused (OSError naming `field`):
+    it is not the forwarder's to give away."""
+    directory = path.parent
     with contextlib.suppress(FileExistsError):
         directory.mkdir(mode=0o700, parents=True)
     st = os.lstat(directory)
     if not stat.S_ISDIR(st.st_mode):
-        raise OSError(errno.ENOTDIR, f"control socket directory {directory} is not a directory")
+        raise OSError(errno.ENOTDIR, f"{what} directory {directory} is not a directory")
     if st.st_uid == identity.uid and st.st_mode & 0o7777 == 0o700:
-        entries = []
+        entries: list[str] = []
     else:
         entries = os.listdir(directory)
-        others = [e for e in entries if not _ours(e, socket.name)]
+        others = [e for e in entries if e != path.name and not e.startswith(path.name + ".")]
         if st.st_uid not in (0, identity.uid) or others:
             raise OSError(
                 errno.EPERM,
-                f"control socket directory {directory} holds other files "
+                f"{what} directory {directory} holds other files "
                 f"({', '.join(sorted(others)[:3]) or 'owner uid ' + str(st.st_uid)}); "
-                f"give the forwarder a directory of its own (control.socket) for user "
-                f"{identity.user}",
+                f"give {field} a directory of its own for user {identity.user}",
             )
         os.chown(directory, identity.uid, identity.gid, follow_symlinks=False)
         os.chmod(directory, 0o700)
     for name in entries:
-        # A previous run as root left its locks: the workers must be able to open them.
+        # A previous run as root left them: the workers must be able to open them.
         os.chown(directory / name, identity.uid, identity.gid, follow_symlinks=False)
+
+
+def give_socket_directory(socket: Path, identity: Identity) -> None:
+    """The control socket's directory (its workers' sockets ``<socket>[.n]``, their locks, the
+    announcer's ``<socket>.bgp``) to `identity`: see `give_directory`."""
+    give_directory(socket, identity, "control socket", "control.socket")
 
 
 def files_to_read(config: ForwarderConfig, config_path: str | None) -> list[tuple[str, Path]]:
