@@ -10,6 +10,7 @@ dies, on `flowstate drain-pop` and on SIGTERM. The router's `birdc show route` i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,10 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -143,17 +144,25 @@ class Lab:
         assert ok, f"VIPs not announced: {self.routes()}\n{self.log()}"
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
+LabT = TypeVar("LabT", bound=Lab)
+
+
+@contextlib.contextmanager
+def built_lab(
+    tag: str, make: Callable[[Topology, Netns, Netns, Bird, Bird, Path], LabT]
+) -> Iterator[LabT]:
+    """The one-POP lab (router and POP namespaces, both BIRDs up, the POP's VIP protocols
+    disabled) made by `make`; torn down on exit, also on failure."""
     require_netns()
     missing = bird_missing()
     if missing:
         if os.environ.get("CI") == "true":
             pytest.fail(missing)
         pytest.skip(missing)
-    workdir = Path(tempfile.mkdtemp(prefix="fs-bgp-"))
-    topo = Topology(tag="bgp")
-    built: Lab | None = None
+    workdir = Path(tempfile.mkdtemp(prefix=f"fs-{tag}-"))
+    workdir.chmod(0o711)  # a worker running as a configured user reaches its config file
+    topo = Topology(tag=tag)
+    built: LabT | None = None
     try:
         rt, pop = topo.add_netns("rt"), topo.add_netns("pop")
         topo.veth(
@@ -167,7 +176,7 @@ def lab() -> Iterator[Lab]:
         pop.add_route("fd00:b::/64", PEER.router6)  # the backend's next hop resolves
         topo.settle()
         router, speaker = Bird(rt, workdir, "rt"), Bird(pop, workdir, "pop1")
-        built = Lab(topo, rt, pop, router, speaker, workdir)
+        built = make(topo, rt, pop, router, speaker, workdir)
         router.start(router_config(PEER.router4, [PEER], {}, workdir / "bird-rt.log"))
         speaker.start(pop_config(PEER.pop4, PEER, VIP4, VIP6, workdir / "bird-pop1.log"))
         router.wait_established(["pop1_4", "pop1_6"])
@@ -182,6 +191,12 @@ def lab() -> Iterator[Lab]:
         topo.close()
         if not os.environ.get("FLOWSTATE_KEEP_E2E_LOGS"):
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with built_lab("bgp", Lab) as built:
+        yield built
 
 
 def test_vips_announced_once_the_forwarder_is_healthy(lab: Lab) -> None:

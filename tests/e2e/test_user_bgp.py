@@ -8,11 +8,10 @@ the user's socket directory, withdraw on SIGTERM.
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,11 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.labkit.bird import Bird, bird_missing, pop_config, router_config
 from tests.e2e.accounts import throwaway_user
-from tests.e2e.conftest import require_netns
-from tests.e2e.test_bgp import PEER, VIP4, VIP6, WITHDRAW_WITHIN_S, Lab
-from tests.netns import Topology, wait_until
+from tests.e2e.test_bgp import WITHDRAW_WITHIN_S, Lab, built_lab
+from tests.netns import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -49,44 +46,11 @@ def uids(pid: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[UserLab]:
-    require_netns()
-    missing = bird_missing()
-    if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(missing)
-        pytest.skip(missing)
-    workdir = Path(tempfile.mkdtemp(prefix="fs-bgp-user-"))
-    workdir.chmod(0o711)  # the user reaches its config file
-    topo = Topology(tag="bgpuser")
-    built: UserLab | None = None
-    with throwaway_user("bgp") as (user, _extra):
-        try:
-            rt, pop = topo.add_netns("rt"), topo.add_netns("pop")
-            topo.veth(
-                pop,
-                "f-rt",
-                rt,
-                "rt-f",
-                a_addrs=[f"{PEER.pop4}/24", f"{PEER.pop6}/64"],
-                b_addrs=[f"{PEER.router4}/24", f"{PEER.router6}/64"],
-            )
-            pop.add_route("fd00:b::/64", PEER.router6)
-            topo.settle()
-            router, speaker = Bird(rt, workdir, "rt"), Bird(pop, workdir, "pop1")
-            built = UserLab(topo, rt, pop, router, speaker, workdir, user=user)
-            router.start(router_config(PEER.router4, [PEER], {}, workdir / "bird-rt.log"))
-            speaker.start(pop_config(PEER.pop4, PEER, VIP4, VIP6, workdir / "bird-pop1.log"))
-            router.wait_established(["pop1_4", "pop1_6"])
-            assert built.withdrawn(), "the POP's VIP protocols must start disabled"
-            yield built
-        finally:
-            if built is not None:
-                built.stop_forwarder()
-                built.speaker.stop()
-                built.router.stop()
-            topo.close()
-            if not os.environ.get("FLOWSTATE_KEEP_E2E_LOGS"):
-                shutil.rmtree(workdir, ignore_errors=True)
+    with (
+        throwaway_user("bgp") as (user, _extra),
+        built_lab("bgpuser", functools.partial(UserLab, user=user)) as built,
+    ):
+        yield built
 
 
 def test_announced_once_healthy_with_the_worker_running_as_the_user(lab: UserLab) -> None:
