@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from deploy.labkit.bird import bird_missing
 from deploy.labkit.netns import netns_unavailable, remove_stale_namespaces
@@ -169,6 +169,34 @@ def run_faults(
     return runs
 
 
+def _progress_out(args: argparse.Namespace) -> TextIO:
+    """Where progress goes: stderr with --json (stdout is then one JSON object)."""
+    return sys.stderr if args.json else sys.stdout
+
+
+def _progress_log(
+    args: argparse.Namespace, impl: str, problem: str | None = None
+) -> Callable[[str], None] | None:
+    """The progress logger of `run`, or None after saying why the arguments (or `problem`
+    found in them) or this machine cannot run the lab."""
+    if args.connections < 1 or args.udp_flows < 0 or args.interval <= 0:
+        problem = "--connections must be >= 1, --udp-flows >= 0, --interval > 0"
+    if problem:
+        print(f"{PROG}: {problem}", file=sys.stderr)
+        return None
+    problem = preflight(impl)
+    if problem:
+        print(f"{PROG}: cannot run: {problem} (deploy/demo installs everything)", file=sys.stderr)
+        return None
+    out = _progress_out(args)
+
+    def log(text: str) -> None:
+        if text:
+            print(text, file=out, flush=True)
+
+    return log
+
+
 def _cmd_faults(args: argparse.Namespace) -> int:
     from deploy.labkit.faults import FAULTS, FaultOptions, fault_table, summarize_fault, with_quick
 
@@ -184,19 +212,9 @@ def _cmd_faults(args: argparse.Namespace) -> int:
         opts = with_quick(opts)
     if args.gap is not None:
         opts = dataclasses.replace(opts, gap=args.gap)
-    if args.connections < 1 or args.udp_flows < 0 or args.interval <= 0:
-        print(f"{PROG}: --connections must be >= 1, --udp-flows >= 0, --interval > 0")
+    log = _progress_log(args, opts.impl)
+    if log is None:
         return 2
-    problem = preflight(opts.impl)
-    if problem:
-        print(f"{PROG}: cannot run: {problem} (deploy/demo installs everything)", file=sys.stderr)
-        return 2
-    out = sys.stderr if args.json else sys.stdout
-
-    def log(text: str) -> None:
-        if text:
-            print(text, file=out, flush=True)
-
     size = LabSize(redis_tls=args.redis_tls)
     runs = run_faults(names, opts, size=size, log=log, keep_workdir=args.keep)
     summaries = {run.fault: summarize_fault(run) for run in runs}
@@ -210,7 +228,7 @@ def _cmd_faults(args: argparse.Namespace) -> int:
         print()
         print(fault_table(summaries))
         print()
-    print(f"results: {path}", file=out)
+    print(f"results: {path}", file=_progress_out(args))
     return 0
 
 
@@ -232,22 +250,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         **tuning,
     )
     size = LabSize(redis_tls=args.redis_tls)
-    problem = check_steps(opts.steps, size.pops, size.backends)
-    if args.connections < 1 or args.udp_flows < 0 or args.interval <= 0:
-        problem = "--connections must be >= 1, --udp-flows >= 0, --interval > 0"
-    if problem:
-        print(f"{PROG}: {problem}", file=sys.stderr)
+    log = _progress_log(args, opts.impl, check_steps(opts.steps, size.pops, size.backends))
+    if log is None:
         return 2
-    problem = preflight(opts.impl)
-    if problem:
-        print(f"{PROG}: cannot run: {problem} (deploy/demo installs everything)", file=sys.stderr)
-        return 2
-    out = sys.stderr if args.json else sys.stdout
-
-    def log(text: str) -> None:
-        if text:
-            print(text, file=out, flush=True)
-
     runs = run_lab(modes, opts, size=size, log=log, keep_workdir=args.keep)
     summaries = {run.mode: summarize(run) for run in runs}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -261,6 +266,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print()
         print(comparison_table(summaries))
         print()
+    out = _progress_out(args)
     print(f"results: {args.out / 'results.json'}", file=out)
     print(f"timeline: {png}" if drew else "timeline: not drawn (pip install matplotlib)", file=out)
     return 0
