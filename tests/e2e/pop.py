@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -99,14 +99,23 @@ class Pop:
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, tag: str, impl: str, backends: int, serving: list[int]) -> Iterator[Self]:
-        """A POP of backends 1..`backends` in a new topology, its forwarder started with
-        `serving`; for a module fixture. Everything is torn down after the block, also when
-        building or starting fails."""
+    def running(
+        cls,
+        tag: str,
+        impl: str,
+        backends: int,
+        serving: list[int],
+        prepare: Callable[[Self], None] | None = None,
+    ) -> Iterator[Self]:
+        """A POP of backends 1..`backends` in a new topology, `prepare`d, its forwarder
+        started with `serving`; for a module fixture. Everything is torn down after the block,
+        also when building or starting fails."""
         topo = Topology(tag=tag)
         built: Self | None = None
         try:
             built = cls.build(topo, backends=backends)
+            if prepare is not None:
+                prepare(built)
             built.start_forwarder(impl, backends=serving)
             yield built
         finally:

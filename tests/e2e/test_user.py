@@ -62,21 +62,12 @@ def account() -> Iterator[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def pop(account: tuple[str, str]) -> Iterator[UserPop]:
-    from tests.netns import Topology
-
-    topo = Topology(tag="user")
-    built: UserPop | None = None
-    try:
-        built = UserPop.build(topo, backends=3)
+    def prepare(built: UserPop) -> None:
         built.user = account[0]
         built.workdir.chmod(0o711)  # the user reaches its config file, not the logs' names
-        built.start_forwarder(IMPL, backends=[1, 2, 3])
+
+    with UserPop.running("user", IMPL, 3, [1, 2, 3], prepare) as built:
         yield built
-    finally:
-        if built is not None:
-            built.close()
-        else:
-            topo.close()
 
 
 def status(pid: int) -> dict[str, str]:
