@@ -38,6 +38,11 @@ def decap_addr(n: int) -> str:
     return f"fd00:b::{n}"
 
 
+def failures(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The client results (tests/e2e/tools.py) that ended in an error."""
+    return [r for r in results if r["error"] is not None]
+
+
 @dataclass
 class Pop:
     """Handles to the namespaces and processes of the topology."""
@@ -271,6 +276,17 @@ class Pop:
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def cli(self, *args: str, socket: Path | None = None) -> subprocess.CompletedProcess[str]:
+        """`flowstate ARGS --socket <this POP's control socket>` in the forwarder's namespace
+        (as root)."""
+        control = self.workdir / "ctl.sock" if socket is None else socket
+        return self.fwd.run(
+            [sys.executable, "-m", "flowstate.cli", *args, "--socket", str(control)],
+            env={"PYTHONPATH": str(REPO)},
+            check=False,
+            timeout=90,
+        )
 
     # ---- traffic --------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from tests.e2e.pop import (
     VIP6,
     Pop,
     decap_addr,
+    failures,
 )
 from tests.netns import wait_until
 
@@ -81,10 +82,6 @@ def ok_json(p: Pop, *args: str) -> Any:
     result = cli(p, *args, "--json")
     assert result.returncode == 0, (args, result.stderr, p.log()[-2000:])
     return json.loads(result.stdout)
-
-
-def failures(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in results if r["error"] is not None]
 
 
 def test_control_socket_is_private(pop: Pop) -> None:

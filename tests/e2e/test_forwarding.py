@@ -10,13 +10,12 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from forwarder.fastpath import c_engine_available
 from tests.e2e.conftest import require_netns
-from tests.e2e.pop import CLIENT4, CLIENT6, VIP4, VIP6, WEIGHTS, Pop, decap_addr
+from tests.e2e.pop import CLIENT4, CLIENT6, VIP4, VIP6, WEIGHTS, Pop, decap_addr, failures
 
 pytestmark = pytest.mark.e2e
 
@@ -40,10 +39,6 @@ def ensure_forwarder(pop: Pop, impl: str, backends: list[int]) -> None:
     if pop.forwarder_died() or not cfg.exists() or cfg.read_text() != wanted:
         pop.stop_forwarder()
         pop.start_forwarder(impl, backends)
-
-
-def failures(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in results if r["error"] is not None]
 
 
 @pytest.mark.parametrize("vip,client", [(VIP4, CLIENT4), (VIP6, CLIENT6)], ids=["ipv4", "ipv6"])

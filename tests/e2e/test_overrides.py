@@ -9,7 +9,6 @@ extension is not built). Adds no backend: the backends configured never change h
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 
 from forwarder.fastpath import c_engine_available
 from tests.e2e.conftest import require_netns
-from tests.e2e.pop import REPO, VIP4, VIP6, Pop, decap_addr
+from tests.e2e.pop import VIP4, VIP6, Pop, decap_addr, failures
 from tests.netns import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -45,17 +44,7 @@ def pop() -> Iterator[OverridesPop]:
 
 
 def cli(pop: Pop, *args: str, socket: str = "ctl.sock") -> Any:
-    """`flowstate ARGS --socket <this POP's>` in the forwarder's namespace."""
-    return pop.fwd.run(
-        [sys.executable, "-m", "flowstate.cli", *args, "--socket", str(pop.workdir / socket)],
-        env={"PYTHONPATH": str(REPO)},
-        check=False,
-        timeout=90,
-    )
-
-
-def failures(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in results if r["error"] is not None]
+    return pop.cli(*args, socket=pop.workdir / socket)
 
 
 def states(pop: Pop, socket: str = "ctl.sock") -> dict[tuple[str, str], tuple[str, str]]:

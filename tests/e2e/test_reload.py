@@ -18,7 +18,7 @@ import pytest
 
 from forwarder.fastpath import c_engine_available
 from tests.e2e.conftest import require_netns
-from tests.e2e.pop import CLIENT4, REPO, VIP4, Pop, decap_addr
+from tests.e2e.pop import CLIENT4, VIP4, Pop, decap_addr, failures
 from tests.netns import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -52,18 +52,8 @@ def udp_from_ports(pop: Pop, ports: range) -> dict[int, str | None]:
     return {int(k): v for k, v in json.loads(out.stdout).items()}
 
 
-def failures(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in results if r["error"] is not None]
-
-
 def cli(pop: Pop, *args: str, socket: str = "ctl.sock") -> Any:
-    """`flowstate ARGS --socket <this POP's>` in the forwarder's namespace."""
-    return pop.fwd.run(
-        [sys.executable, "-m", "flowstate.cli", *args, "--socket", str(pop.workdir / socket)],
-        env={"PYTHONPATH": str(REPO)},
-        check=False,
-        timeout=90,
-    )
+    return pop.cli(*args, socket=pop.workdir / socket)
 
 
 class WorkersPop(Pop):

@@ -25,7 +25,7 @@ from forwarder.fastpath import c_engine_available
 from forwarder.privileges import CAP_NET_ADMIN, CAP_NET_RAW
 from tests.e2e.accounts import throwaway_user
 from tests.e2e.conftest import require_netns
-from tests.e2e.pop import REPO, VIP4, VIP6, Pop, decap_addr
+from tests.e2e.pop import REPO, VIP4, VIP6, Pop, decap_addr, failures
 from tests.netns import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -89,18 +89,9 @@ def workers(pop: Pop) -> dict[int, int]:
 
 def cli(pop: UserPop, *args: str) -> Any:
     """`flowstate ARGS --json` as root in the forwarder's namespace; the parsed answer."""
-    done = pop.fwd.run(
-        [sys.executable, "-m", "flowstate.cli", *args, "--json", "--socket", str(pop.socket)],
-        env={"PYTHONPATH": str(REPO)},
-        check=False,
-        timeout=90,
-    )
+    done = pop.cli(*args, "--json", socket=pop.socket)
     assert done.returncode == 0, (done.stdout, done.stderr, pop.log()[-3000:])
     return json.loads(done.stdout)
-
-
-def failures(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in results if r["error"] is not None]
 
 
 def test_workers_run_as_the_user_with_net_raw_and_net_admin_only(
