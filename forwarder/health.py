@@ -365,7 +365,7 @@ async def apply_health(fwd: Forwarder) -> None:
         _warn_fail_open(fwd, down - previous.down)
         # The DOWN line is logged when the checks decide; new flows avoid the backend only
         # from here, once the Maglev tables without it are live.
-        for ip in sorted({ip for _vip, ip in (down | dead) - (previous.down | previous.dead)}):
+        for ip in sorted({ip for _vip, ip in down - previous.down}):  # dead ones are down too
             log.info(
                 "health: backend %s out of new-flow selection (Maglev tables rebuilt)",
                 ipaddress.IPv6Address(ip),
