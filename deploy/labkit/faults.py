@@ -24,7 +24,7 @@ from typing import Any
 
 from deploy.labkit.netns import wait_until
 from deploy.labkit.plan import HTTP_PORT, VIP4, VIP6
-from deploy.labkit.pops import BackendSite, PopSite, forwarder_config
+from deploy.labkit.pops import BackendSite, PerPop, PopSite, forwarder_config
 from deploy.labkit.results import pops_between, route_moves
 from deploy.labkit.scenario import (
     FIRST_POP,
@@ -166,7 +166,7 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-class CounterSampler:
+class CounterSampler(PerPop):
     """Polls every POP's forwarder (control API `stats`) and keeps the last counters of each
     forwarder process, so a SIGKILLed forwarder's counters are kept up to its last sample.
 
@@ -175,28 +175,15 @@ class CounterSampler:
     not the fault's."""
 
     def __init__(self, pops: list[PopSite], interval: float = 0.5) -> None:
-        self.pops = pops
-        self.interval = interval
+        super().__init__(pops, interval, "counter-sampler")
         self._last: dict[tuple[str, int], dict[str, int]] = {}
         self._rss: dict[str, int] = {}
         self._paused = True
         self._generation = 0
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="counter-sampler", daemon=True)
 
-    def __enter__(self) -> CounterSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            for pop in self.pops:
-                self.sample(pop)
+    def each(self, pop: PopSite) -> None:
+        self.sample(pop)
 
     def sample(self, pop: PopSite) -> None:
         """Take `pop`'s forwarder's counters now (nothing if it does not run or answer)."""

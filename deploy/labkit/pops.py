@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from deploy.labkit.bird import VIP_PROTOCOLS, Bird, Peer, pop_config
 from deploy.labkit.netns import Netns, NetnsError, wait_until
@@ -369,22 +369,17 @@ def _slot_spread_flows(slices: int) -> list[dict[str, Any]]:
     return [found[i] for i in sorted(found)]
 
 
-class HealthGate:
-    """Withdraws a POP's VIP routes within `interval` of its serving process dying.
+class PerPop:
+    """A daemon thread that calls `each(pop)` for every POP every `interval` s, between
+    `with` entry and exit."""
 
-    Announcing is left to the lab, which does it once a (re)started forwarder is ready.
-    """
-
-    def __init__(
-        self, pops: list[PopSite], on_withdraw: Callable[[str], None], interval: float = 0.05
-    ) -> None:
+    def __init__(self, pops: list[PopSite], interval: float, name: str) -> None:
         self.pops = pops
-        self.on_withdraw = on_withdraw
         self.interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="health-gate", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def __enter__(self) -> HealthGate:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -395,6 +390,25 @@ class HealthGate:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             for pop in self.pops:
-                if pop.announced and not pop.serving() and not pop.hold_route:
-                    pop.withdraw()
-                    self.on_withdraw(pop.name)
+                self.each(pop)
+
+    def each(self, pop: PopSite) -> None:
+        raise NotImplementedError
+
+
+class HealthGate(PerPop):
+    """Withdraws a POP's VIP routes within `interval` of its serving process dying.
+
+    Announcing is left to the lab, which does it once a (re)started forwarder is ready.
+    """
+
+    def __init__(
+        self, pops: list[PopSite], on_withdraw: Callable[[str], None], interval: float = 0.05
+    ) -> None:
+        super().__init__(pops, interval, "health-gate")
+        self.on_withdraw = on_withdraw
+
+    def each(self, pop: PopSite) -> None:
+        if pop.announced and not pop.serving() and not pop.hold_route:
+            pop.withdraw()
+            self.on_withdraw(pop.name)
